@@ -1,0 +1,22 @@
+# make demo   - set up everything, then train a tiny ViT on a small real dataset (CPU)
+# make test   - set up everything, then run the whole test suite (CPU; starts its own services)
+# make bench  - benchmarks (attention, train step, data); GPU numbers when a GPU is present
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup setup-test demo test bench
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh test
+
+demo: setup
+	DS_ACCELERATOR=cpu $(PY) -m vitscale demo
+
+test: setup-test
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -m pytest -x -q --durations=15 tests
+
+bench: setup
+	$(PY) -m vitscale bench all

@@ -1,0 +1,3 @@
+from vitscale.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Optimizer, schedule and engine sections of the config tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vitscale.checks import require_positive, require_range
+from vitscale.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    # Paper: Adam(W) for pretraining, SGD with momentum 0.9 for fine-tuning.
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    # Decoupled decay on weight matrices only: never on norms, biases, position embeddings
+    # or the [class] token. The paper found high decay (0.1) helps pretraining.
+    weight_decay: float = 0.1
+    momentum: float = 0.9
+    # Clip the global gradient norm (paper: 1.0); 0 disables.
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        require_positive(self, "optim", ("lr", "eps"))
+        require_range(self, "optim", "beta1", 0.0, 0.999999)
+        require_range(self, "optim", "beta2", 0.0, 0.999999)
+        require_range(self, "optim", "momentum", 0.0, 0.999999)
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay" if self.weight_decay < 0 else "optim.grad_clip",
+                              "must be >= 0", "use 0 to disable")
+
+
+@dataclass
+class ScheduleConfig:
+    # Linear warmup (paper: 10k steps at batch 4096) then linear or cosine decay.
+    warmup_steps: int = 10_000
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    # Final learning rate as a fraction of optim.lr.
+    end_lr_ratio: float = 0.0
+    # Horizon of the decay; None uses run.steps.
+    total_steps: int | None = None
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError("schedule.warmup_steps", "must be >= 0", "use 0 for no warmup")
+        require_positive(self, "schedule", ("total_steps",))
+        require_range(self, "schedule", "end_lr_ratio", 0.0, 1.0)
+
+
+@dataclass
+class EngineConfig:
+    # DeepSpeed JSON; its "auto" values are filled from this tree, and explicit values must agree.
+    ds_config: str | None = None
+    zero_stage: int = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # Images per rank per forward pass (micro-batch) and images per optimizer step (global batch);
+    # gradient accumulation = global / (micro x world size) and must be a whole number.
+    micro_batch_size: int = 32
+    global_batch_size: int = 4096
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("engine.zero_stage", f"{self.zero_stage} is not a ZeRO stage", "use 0, 1, 2 or 3")
+        require_positive(self, "engine", ("micro_batch_size", "global_batch_size"))

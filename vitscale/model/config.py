@@ -1,0 +1,137 @@
+"""Model section of the config tree, and the one table that decodes names like "H/14".
+
+Sizes are the ViT paper's (Table 1) plus the g/G follow-ups. `ModelConfig.shape()` resolves the
+name and any explicit overrides (depth, width, ...) into a concrete `ViTShape`, checking that the
+image tiles into patches and the width splits into heads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from vitscale.checks import require_positive, require_range
+from vitscale.errors import ConfigError
+
+# name: (depth, width D, MLP dim, heads)
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (12, 192, 768, 3),
+    "S": (12, 384, 1536, 6),
+    "B": (12, 768, 3072, 12),
+    "L": (24, 1024, 4096, 16),
+    "H": (32, 1280, 5120, 16),
+    "g": (40, 1408, 6144, 16),
+    "G": (48, 1664, 8192, 16),
+}
+PATCH_SIZES = (8, 14, 16, 32)
+
+Classifier = Literal["token", "gap", "map"]
+PosEmbed = Literal["none", "learned_1d", "learned_2d", "sincos_2d", "relative"]
+AttentionBackend = Literal["auto", "math", "sdpa", "triton", "flash"]
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    depth: int
+    width: int
+    mlp_dim: int
+    heads: int
+    patch_size: int
+    image_size: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+@dataclass
+class ModelConfig:
+    # "B/16", "H/14", ...: size from SIZES, patch from the number.
+    name: str = "B/16"
+    image_size: int = 224
+    in_channels: int = 3
+    # 21,843 for ImageNet-21k; 0 builds the backbone without a classification head.
+    num_classes: int = 21843
+    # Explicit overrides of the named size (None keeps the table's value): for shape ablations.
+    depth: int | None = None
+    width: int | None = None
+    mlp_dim: int | None = None
+    heads: int | None = None
+    patch_size: int | None = None
+    classifier: Classifier = "token"
+    pos_embed: PosEmbed = "learned_1d"
+    norm_position: Literal["pre", "post"] = "pre"
+    attention_backend: AttentionBackend = "auto"
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # Stochastic depth: drop-path rate of the last block, linearly increasing from 0.
+    drop_path: float = 0.0
+    # Pretraining head: a tanh "pre-logits" layer of this size before the classifier (paper);
+    # None or 0 for none. Fine-tuning replaces the head with one zero-initialised linear layer.
+    representation_size: int | None = None
+    head: Literal["pretrain", "finetune"] = "pretrain"
+    layer_norm_eps: float = 1e-6
+
+    def validate(self) -> None:
+        require_positive(self, "model", ("image_size", "in_channels", "depth", "width", "mlp_dim",
+                                         "heads", "patch_size", "layer_norm_eps"))
+        if self.num_classes < 0:
+            raise ConfigError("model.num_classes", f"must be >= 0, got {self.num_classes}",
+                              "use the dataset's class count, or 0 for a headless backbone")
+        for name in ("dropout", "attention_dropout", "drop_path"):
+            require_range(self, "model", name, 0.0, 0.99)
+        if self.representation_size is not None and self.representation_size < 0:
+            raise ConfigError("model.representation_size", "must be >= 0", "use 0 or null for no pre-logits")
+        if self.pos_embed == "relative" and self.attention_backend in ("triton", "flash"):
+            raise ConfigError("model.attention_backend", f"{self.attention_backend} takes no attention bias, "
+                              "which pos_embed=relative needs", "use sdpa, math or auto")
+        if self.attention_dropout > 0 and self.attention_backend in ("triton", "flash"):
+            raise ConfigError("model.attention_dropout", f"not supported by the {self.attention_backend} backend",
+                              "set it to 0 (the paper uses none) or use sdpa/math")
+        self.shape()
+
+    def shape(self) -> ViTShape:
+        size, patch = parse_model_name(self.name)
+        depth, width, mlp_dim, heads = SIZES[size]
+        shape = ViTShape(
+            depth=self.depth or depth,
+            width=self.width or width,
+            mlp_dim=self.mlp_dim or mlp_dim,
+            heads=self.heads or heads,
+            patch_size=self.patch_size or patch,
+            image_size=self.image_size,
+        )
+        if shape.image_size % shape.patch_size:
+            raise ConfigError("model.image_size", f"{shape.image_size} is not divisible by the patch size "
+                              f"{shape.patch_size}", f"use a multiple of {shape.patch_size}, e.g. "
+                              f"{round(shape.image_size / shape.patch_size) * shape.patch_size}")
+        if shape.width % shape.heads:
+            raise ConfigError("model.heads", f"width {shape.width} does not split into {shape.heads} heads",
+                              "choose heads that divide the width")
+        if self.pos_embed == "learned_2d" and shape.width % 2:
+            raise ConfigError("model.pos_embed", "learned_2d needs an even width (X and Y halves)",
+                              "use an even width or learned_1d")
+        if self.pos_embed == "sincos_2d" and shape.width % 4:
+            raise ConfigError("model.pos_embed", "sincos_2d needs a width divisible by 4",
+                              "use such a width or learned_1d")
+        return shape
+
+
+def parse_model_name(name: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\s*([A-Za-z]+)\s*/\s*(\d+)\s*", name)
+    if not match or match.group(1) not in SIZES:
+        raise ConfigError("model.name", f"unknown model {name!r}",
+                          f"use SIZE/PATCH with SIZE in {', '.join(SIZES)} and PATCH e.g. 16, as in B/16")
+    patch = int(match.group(2))
+    if patch <= 0:
+        raise ConfigError("model.name", f"patch size {patch} must be positive", "e.g. B/16")
+    return match.group(1), patch
