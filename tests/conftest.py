@@ -1,0 +1,7 @@
+"""Test-wide environment: CPU DeepSpeed and interpreted Triton, also when pytest runs directly
+(the Makefile sets the same). Must happen before deepspeed or triton are imported."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,91 @@
+"""The config tree: files + dotted overrides -> typed, validated values; mistakes are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitscale.config import config_from_dict, load_config, save_config, read_yaml_tree
+from vitscale.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_every_shipped_config_opens_with_a_comment():
+    for path in CONFIGS:
+        assert path.read_text().startswith("#"), f"{path.name} must open with the command that runs it"
+
+
+def test_overrides_are_typed_and_win_over_the_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  name: L/16\noptim:\n  lr: 1.0e-3\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nmodel:\n  image_size: 384\n")
+    config = load_config(child, ["optim.lr=3e-4", "model.drop_path=0.1", "data.multi_label=true",
+                                 "--engine.micro_batch_size=16"])
+    assert config.model.name == "L/16" and config.model.image_size == 384  # inherited + own
+    assert config.optim.lr == 3e-4 and isinstance(config.optim.lr, float)  # "3e-4" is a str to YAML
+    assert config.model.drop_path == 0.1 and config.data.multi_label is True
+    assert config.engine.micro_batch_size == 16
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    config = load_config(None, ["model.name=H/14", "optim.lr=3e-4", "model.representation_size=1280"])
+    path = save_config(config, tmp_path / "run" / "config.yaml")
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["model.nme=B/16"], "model.nme", "did you mean model.name"),
+    (["optim.lr=fast"], "optim.lr", "expected a number"),
+    (["engine.micro_batch_size=2.5"], "engine.micro_batch_size", "expected an integer"),
+    (["model.classifier=cls"], "model.classifier", "not one of"),
+    (["model.image_size=225"], "model.image_size", "not divisible by the patch size 16"),
+    (["model.name=X/16"], "model.name", "unknown model"),
+    (["model.heads=7"], "model.heads", "does not split"),
+    (["optim.lr=-1"], "optim.lr", "must be > 0"),
+    (["model.dropout=1.5"], "model.dropout", "must be in"),
+    (["lr"], "lr", "key=value"),
+])
+def test_mistakes_name_the_key_and_the_fix(overrides, key, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert error.value.key == key and words in str(error.value)
+    assert error.value.fix, "every config error says how to fix it"
+
+
+def test_section_given_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="expected a section"):
+        config_from_dict({"model": 3})
+
+
+def test_base_cycle_and_bad_yaml_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        read_yaml_tree(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("args", [
+    ["config", "check", "model.image_size=225"],
+    ["config", "check", "model.nmae=B/16"],
+    ["config", "check", "optim.lr=abc"],
+    ["config", "check", "--config", "/nonexistent.yaml"],
+])
+def test_cli_prints_one_line_not_a_traceback(args):
+    result = subprocess.run([sys.executable, "-m", "vitscale", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitscale config: error: config"), result.stderr
