@@ -27,6 +27,7 @@ from vitscale.errors import ConfigError
 from vitscale.checks import require_positive
 from vitscale.metrics.config import MetricsConfig
 from vitscale.model.config import ModelConfig
+from vitscale.research.config import FinetuneConfig, MaskedPatchConfig
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    masked_patch: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
 
     def validate(self) -> "Config":
         """Check every section, then the rules that span sections. Returns self."""

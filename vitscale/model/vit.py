@@ -84,9 +84,13 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> all output tokens after the final norm: (B, extra + N, D)."""
+    def forward_features(self, images: torch.Tensor, patch_transform=None) -> torch.Tensor:
+        """Images -> all output tokens after the final norm: (B, extra + N, D).
+        `patch_transform` maps the patch embeddings (B, N, D) before the [class] token and position
+        embeddings are added (masked patch prediction corrupts them there)."""
         x = self.patch_embed(images)
+        if patch_transform is not None:
+            x = patch_transform(x)
         if self.cls_token is not None:
             x = torch.cat([repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0]).to(x.dtype), x], dim=1)
         x = self.dropout(self.pos_embed(x))

@@ -1,0 +1,59 @@
+"""Config sections for fine-tuning (`finetune:`) and masked patch prediction (`masked_patch:`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vitscale.checks import require_range
+from vitscale.errors import ConfigError
+
+MaskedTarget = Literal["mean_color", "downsized", "full_patch"]
+
+
+@dataclass
+class FinetuneConfig:
+    # Start from pretrained weights: a run directory (its latest complete checkpoint), one
+    # checkpoint directory (.../checkpoints/step_XXXXXXXX), or exported weights (.safetensors).
+    # null trains from scratch. The model section describes the fine-tuned model: same
+    # architecture, typically a higher image_size and the new num_classes.
+    init_from: str | None = None
+    # Paper: the pretraining head (pre-logits + classifier) is replaced by one zero-initialised
+    # linear layer for the new classes. false keeps it (same classes, e.g. resolution-only).
+    reset_head: bool = True
+
+    def validate(self) -> None:
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ConfigError("finetune.init_from", "is empty", "give a run/checkpoint directory or a "
+                              ".safetensors file, or null to train from scratch")
+
+
+@dataclass
+class MaskedPatchConfig:
+    # What each corrupted patch's output predicts (paper, section 4.6 / appendix B.1):
+    # mean_color: its mean colour in 3 bits per channel (one 512-way classification; best few-shot);
+    # downsized: its 4x4 downsized version in 3-bit colour (16 predictions of 512 classes);
+    # full_patch: all its pixels by L2 regression (worst in the paper).
+    target: MaskedTarget = "mean_color"
+    # Fraction of patch embeddings corrupted per image (paper: 50%) ...
+    corrupt_ratio: float = 0.5
+    # ... of which these fractions are replaced by the learnable [mask] embedding and by another
+    # random patch's embedding; the rest are kept unchanged (paper: 80/10/10, as BERT).
+    mask_prob: float = 0.8
+    random_prob: float = 0.1
+    color_bits: int = 3
+    downsized_size: int = 4
+
+    def validate(self) -> None:
+        require_range(self, "masked_patch", "corrupt_ratio", 1e-6, 1.0)
+        require_range(self, "masked_patch", "mask_prob", 0.0, 1.0)
+        require_range(self, "masked_patch", "random_prob", 0.0, 1.0)
+        if self.mask_prob + self.random_prob > 1.0 + 1e-9:
+            raise ConfigError("masked_patch.random_prob", f"mask_prob + random_prob = "
+                              f"{self.mask_prob + self.random_prob:g} exceeds 1",
+                              "the remainder is the fraction kept; e.g. 0.8 and 0.1")
+        if not 1 <= self.color_bits <= 8:
+            raise ConfigError("masked_patch.color_bits", f"{self.color_bits} is not in [1, 8]",
+                              "paper: 3 bits per channel (512 colours)")
+        if self.downsized_size < 1:
+            raise ConfigError("masked_patch.downsized_size", "must be >= 1", "paper: 4 (a 4x4 patch)")
