@@ -80,6 +80,9 @@ class ModelConfig:
     representation_size: int | None = None
     head: Literal["pretrain", "finetune"] = "pretrain"
     layer_norm_eps: float = 1e-6
+    # MLP nonlinearity: exact GELU (PyTorch, timm, Hugging Face) or its tanh approximation (Flax's
+    # default, so the Google/big_vision checkpoints were trained with it).
+    mlp_activation: Literal["gelu", "gelu_tanh"] = "gelu"
 
     def validate(self) -> None:
         require_positive(self, "model", ("image_size", "in_channels", "depth", "width", "mlp_dim",

@@ -39,10 +39,10 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden, width)
         self.dropout = nn.Dropout(dropout)
 
@@ -69,13 +69,14 @@ class EncoderBlock(nn.Module):
     """Pre-LN (paper): x + f(LN(x)). Post-LN (ablation): LN(x + f(x))."""
 
     def __init__(self, width: int, mlp_dim: int, heads: int, *, backend: str, norm_position: str,
-                 dropout: float, attention_dropout: float, drop_path: float, eps: float):
+                 dropout: float, attention_dropout: float, drop_path: float, eps: float,
+                 activation: str = "gelu"):
         super().__init__()
         self.pre_norm = norm_position == "pre"
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = MultiHeadAttention(width, heads, backend, attention_dropout, dropout)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, mlp_dim, dropout)
+        self.mlp = Mlp(width, mlp_dim, dropout, activation)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +90,7 @@ class EncoderBlock(nn.Module):
 class AttentionPoolingHead(nn.Module):
     """MAP head (big_vision): a learned probe attends over all tokens, then a residual MLP."""
 
-    def __init__(self, width: int, mlp_dim: int, heads: int, eps: float):
+    def __init__(self, width: int, mlp_dim: int, heads: int, eps: float, activation: str = "gelu"):
         super().__init__()
         self.heads = heads
         self.probe = nn.Parameter(torch.randn(1, 1, width) * 0.02)
@@ -97,7 +98,7 @@ class AttentionPoolingHead(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, mlp_dim)
+        self.mlp = Mlp(width, mlp_dim, activation=activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probe = repeat(self.probe, "1 1 d -> b 1 d", b=x.shape[0])

@@ -40,7 +40,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             EncoderBlock(width, shape.mlp_dim, shape.heads, backend=config.attention_backend,
                          norm_position=config.norm_position, dropout=config.dropout,
-                         attention_dropout=config.attention_dropout, drop_path=rate, eps=config.layer_norm_eps)
+                         attention_dropout=config.attention_dropout, drop_path=rate, eps=config.layer_norm_eps,
+                         activation=config.mlp_activation)
             for rate in drop_rates)
         # Relative position bias: one table per block (each layer learns its own geometry).
         self.relative_bias = nn.ModuleList(
@@ -48,7 +49,8 @@ class VisionTransformer(nn.Module):
         ) if config.pos_embed == "relative" else None
         # Post-LN blocks end in a norm already.
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if config.norm_position == "pre" else nn.Identity()
-        self.pool = AttentionPoolingHead(width, shape.mlp_dim, shape.heads, config.layer_norm_eps) \
+        self.pool = AttentionPoolingHead(width, shape.mlp_dim, shape.heads, config.layer_norm_eps,
+                                         config.mlp_activation) \
             if config.classifier == "map" else None
         self.pre_logits, self.head = self._build_head(width)
         # Activation checkpointing is applied by the engine; the model only knows the flag.
@@ -61,12 +63,12 @@ class VisionTransformer(nn.Module):
 
     def _build_head(self, width: int) -> tuple[nn.Module, nn.Module]:
         config = self.config
-        if config.num_classes == 0:
-            return nn.Identity(), nn.Identity()
         if config.head == "pretrain" and config.representation_size:
+            # A headless backbone keeps its pre-logits: they are part of the representation.
             pre_logits = nn.Sequential(nn.Linear(width, config.representation_size), nn.Tanh())
-            return pre_logits, nn.Linear(config.representation_size, config.num_classes)
-        return nn.Identity(), nn.Linear(width, config.num_classes)
+            head = nn.Linear(config.representation_size, config.num_classes) if config.num_classes else nn.Identity()
+            return pre_logits, head
+        return nn.Identity(), nn.Linear(width, config.num_classes) if config.num_classes else nn.Identity()
 
     def reset_parameters(self) -> None:
         """big_vision's init: Xavier-uniform linears, tiny MLP biases, LeCun-normal patch
