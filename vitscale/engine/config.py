@@ -11,8 +11,9 @@ from vitscale.errors import ConfigError
 
 @dataclass
 class OptimConfig:
-    # Paper: Adam(W) for pretraining, SGD with momentum 0.9 for fine-tuning.
-    name: Literal["adamw", "sgd"] = "adamw"
+    # Paper: Adam(W) for pretraining, SGD with momentum 0.9 for fine-tuning. sam / gsam wrap
+    # optim.base_optimizer with a sharpness-aware gradient (vitscale/research/sam.py; ZeRO 0-2).
+    name: Literal["adamw", "sgd", "sam", "gsam"] = "adamw"
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
@@ -23,9 +24,20 @@ class OptimConfig:
     momentum: float = 0.9
     # Clip the global gradient norm (paper: 1.0); 0 disables.
     grad_clip: float = 1.0
+    # SAM / GSAM: the optimizer that applies their gradient; the radius rho of the weight
+    # perturbation (GSAM: rho at the peak lr, falling linearly with the lr to rho_min; null keeps
+    # it constant); GSAM's alpha, the weight of the surrogate-gap descent (paper ViT: 0.4 ... 0.6).
+    base_optimizer: Literal["adamw", "sgd"] = "adamw"
+    rho: float = 0.05
+    rho_min: float | None = None
+    alpha: float = 0.4
 
     def validate(self) -> None:
-        require_positive(self, "optim", ("lr", "eps"))
+        require_positive(self, "optim", ("lr", "eps", "rho"))
+        if self.rho_min is not None and not 0 <= self.rho_min <= self.rho:
+            raise ConfigError("optim.rho_min", f"{self.rho_min} is not in [0, optim.rho={self.rho}]",
+                              "use a value up to optim.rho, or null for a constant rho")
+        require_range(self, "optim", "alpha", 0.0, 10.0)
         require_range(self, "optim", "beta1", 0.0, 0.999999)
         require_range(self, "optim", "beta2", 0.0, 0.999999)
         require_range(self, "optim", "momentum", 0.0, 0.999999)
