@@ -73,8 +73,38 @@ class EngineConfig:
     # gradient accumulation = global / (micro x world size) and must be a whole number.
     micro_batch_size: int = 32
     global_batch_size: int = 4096
+    # Recompute each encoder block's activations in backward: memory for ~30% more compute.
+    activation_checkpointing: bool = False
+    # torch.compile the model before DeepSpeed wraps it.
+    compile: bool = False
+    # Save every N steps (0: only on demand: signals and the end of the run); keep the newest k
+    # complete checkpoints (the newest complete one is never deleted).
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    # "auto": resume from the run directory's latest complete checkpoint if there is one;
+    # "never": start fresh (refused if checkpoints exist); or a checkpoint directory to start from.
+    resume: str = "auto"
+    # Evaluate on data.eval_shards every N steps (0: only at the end).
+    eval_every: int = 1000
+    # Steps whose loss or gradient is NaN/inf on any rank are skipped by every rank; this many
+    # in a row stop the run (exit code 3).
+    max_consecutive_nonfinite: int = 5
+    # A collective that does not finish in this time fails the job instead of hanging it; the
+    # watchdog dumps every thread's stack and exits (code 4) when no step finishes for this long.
+    collective_timeout_seconds: float = 1800.0
+    watchdog_seconds: float = 3600.0
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("engine.zero_stage", f"{self.zero_stage} is not a ZeRO stage", "use 0, 1, 2 or 3")
-        require_positive(self, "engine", ("micro_batch_size", "global_batch_size"))
+        require_positive(self, "engine", ("micro_batch_size", "global_batch_size", "keep_last",
+                                          "max_consecutive_nonfinite", "collective_timeout_seconds"))
+        for name in ("checkpoint_every", "eval_every", "watchdog_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"engine.{name}", "must be >= 0", "use 0 to disable")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError("engine.global_batch_size", f"{self.global_batch_size} is not a multiple of "
+                              f"engine.micro_batch_size={self.micro_batch_size}",
+                              "make it micro-batch x accumulation x world size")
+        if not self.resume.strip():
+            raise ConfigError("engine.resume", "is empty", "use auto, never, or a checkpoint directory")
