@@ -27,7 +27,7 @@ from vitscale.errors import ConfigError
 from vitscale.checks import require_positive
 from vitscale.metrics.config import MetricsConfig
 from vitscale.model.config import ModelConfig
-from vitscale.research.config import FinetuneConfig, MaskedPatchConfig
+from vitscale.research.config import FinetuneConfig, MaskedPatchConfig, check_research_rules
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Config:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         self.model.shape()  # image/patch/heads divisibility, named after the offending key
+        check_research_rules(self)  # SAM/GSAM vs ZeRO stage and precision, fine-tuning vs objective
         return self
 
     def to_dict(self) -> dict[str, Any]:

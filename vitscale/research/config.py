@@ -57,3 +57,18 @@ class MaskedPatchConfig:
                               "paper: 3 bits per channel (512 colours)")
         if self.downsized_size < 1:
             raise ConfigError("masked_patch.downsized_size", "must be >= 1", "paper: 4 (a 4x4 patch)")
+
+
+def check_research_rules(config) -> None:
+    """Rules spanning sections, for the whole config tree (called by Config.validate)."""
+    optim, engine = config.optim, config.engine
+    if optim.name in ("sam", "gsam"):
+        if engine.zero_stage == 3:
+            raise ConfigError("engine.zero_stage", f"optim.name={optim.name} needs each rank to hold the full "
+                              "weights to perturb them; ZeRO-3 shards them", "use engine.zero_stage 0, 1 or 2")
+        if engine.precision == "fp16":
+            raise ConfigError("engine.precision", f"optim.name={optim.name} takes its extra gradient without "
+                              "fp16 loss scaling, which would underflow", "use bf16 or fp32")
+    if config.run.objective == "masked_patch" and config.finetune.init_from:
+        raise ConfigError("run.objective", "masked_patch pretrains from scratch; finetune.init_from is set",
+                          "use run.objective=classification to fine-tune, or finetune.init_from=null")

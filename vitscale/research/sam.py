@@ -67,12 +67,17 @@ def settings_from_config(config) -> SharpnessSettings:
 # ---------------------------------------------------------------------------------------------
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for reductions (bf16 weights), fp64 stays fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors))
+    return torch.sqrt(sum((_wide(t) ** 2).sum() for t in tensors))
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((x.float() * y.float()).sum() for x, y in zip(a, b))
+    return sum((_wide(x) * _wide(y)).sum() for x, y in zip(a, b))
 
 
 def _gradients(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -123,8 +128,8 @@ def sharpness_aware_gradients(loss_fn: LossFn, params: Sequence[torch.Tensor], *
         projection = _dot(g_clean, g_adv) / (adv_norm + eps)  # <g, g_adv/||g_adv||>
         update = []
         for g, ga in zip(g_clean, g_adv):
-            g_perp = g.float() - projection * ga.float() / (adv_norm + eps)
-            update.append((ga.float() - alpha * g_perp).to(ga.dtype))
+            g_perp = _wide(g) - projection * _wide(ga) / (adv_norm + eps)
+            update.append((_wide(ga) - alpha * g_perp).to(ga.dtype))
     clean, perturbed = clean_loss.detach().float().item(), perturbed_loss.detach().float().item()
     return update, {"loss": clean, "perturbed_loss": perturbed, "surrogate_gap": perturbed - clean,
                     "rho": rho, "clean_grad_norm": clean_norm.item()}
