@@ -69,6 +69,13 @@ def check_research_rules(config) -> None:
         if engine.precision == "fp16":
             raise ConfigError("engine.precision", f"optim.name={optim.name} takes its extra gradient without "
                               "fp16 loss scaling, which would underflow", "use bf16 or fp32")
+    finetune = config.finetune
+    if finetune.init_from and finetune.reset_head and config.model.head != "finetune":
+        raise ConfigError("model.head", f"{config.model.head!r} with finetune.init_from builds a new pretraining "
+                          "head; the paper fine-tunes with one zero-initialised linear layer",
+                          "set model.head=finetune (configs/finetune_*.yaml do)")
+    if finetune.init_from and config.model.num_classes == 0:
+        raise ConfigError("model.num_classes", "is 0 while fine-tuning", "use the new dataset's class count")
     if config.run.objective == "masked_patch" and config.finetune.init_from:
         raise ConfigError("run.objective", "masked_patch pretrains from scratch; finetune.init_from is set",
                           "use run.objective=classification to fine-tune, or finetune.init_from=null")

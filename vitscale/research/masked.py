@@ -229,3 +229,12 @@ def _data_normalisation() -> tuple[Sequence[float], Sequence[float]]:
         return tuple(transforms.MEAN), tuple(transforms.STD)
     except (ImportError, AttributeError):
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _register() -> None:
+    from vitscale.engine.objectives import register_objective
+
+    register_objective("masked_patch", build_masked_patch_objective)
+
+
+_register()
