@@ -1,0 +1,408 @@
+"""Training and evaluation loaders over WebDataset shards.
+
+    loader = build_train_loader(cfg.data, micro_batch_size=128, image_size=224, num_classes=21843,
+                                rank=rank, world_size=world_size, seed=cfg.run.seed)
+    for step, (images, targets) in zip(range(steps), loader): ...
+    checkpoint["data"] = loader.state_dict()      # later: loader.load_state_dict(...)
+
+Every sample of an epoch is read exactly once over all ranks and workers (plus fewer than
+world_size x micro_batch padding repeats so that every rank yields the same number of batches);
+see vitscale/data/plan.py for the layout and the resume guarantee. Corrupt samples are skipped,
+counted by reason and recorded in a ledger (or stop the run with data.strict=true); each skipped
+slot is refilled with the reader's last good sample, re-augmented, so batch counts stay equal.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitscale.data import plan as planning
+from vitscale.data.config import DataConfig
+from vitscale.data.decode import Augment, LabelSpec, SampleError, decode_target, image_bytes, load_class_map
+from vitscale.data.mixing import mix_batch
+from vitscale.data.shards import ShardProblem, expand_shards, iter_shard, shard_sample_counts
+from vitscale.errors import ConfigError, DataError
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W) float32, normalised
+    targets: torch.Tensor  # (B,) int64, or (B, C) float32 (multi-label or mixed)
+    valid: torch.Tensor  # (B,) bool: False for padding and refilled (skipped) slots
+    keys: list[str]  # sample keys, for ledgers and tests
+    skipped: dict[str, int] = field(default_factory=dict)  # this reader's counts in this segment
+    worker: int = 0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a reader process needs; picklable for DataLoader workers."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    augment: Augment
+    labels: LabelSpec
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int
+    rank: int
+    topology: planning.Topology
+    buffer_size: int
+    shuffle_shards: bool
+    resampled: bool
+    strict: bool
+    ledger: str | None
+    pad: bool = True
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+
+class ShardStream(IterableDataset):
+    """One epoch segment of one rank; each DataLoader worker reads its own slice."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.epoch, self.history, self.skip_batches = 0, [], 0
+
+    def configure(self, epoch: int, history: list[dict], batches_done: int) -> "ShardStream":
+        self.epoch, self.history, self.skip_batches = epoch, list(history), batches_done
+        return self
+
+    def plan(self) -> planning.EpochPlan:
+        spec = self.spec
+        return planning.plan_epoch(self.num_samples(), epoch=self.epoch, topology=spec.topology, seed=spec.seed,
+                                   buffer_size=spec.buffer_size, history=self.history, pad=spec.pad)
+
+    def num_samples(self) -> int:
+        return int(np.asarray(self.spec.counts)[self.shard_order()].sum())
+
+    def shard_order(self) -> np.ndarray:
+        s = self.spec
+        return planning.shard_order(len(s.urls), seed=s.seed, epoch=self.epoch, shuffle=s.shuffle_shards,
+                                    resampled=s.resampled)
+
+    def __iter__(self) -> Iterator[Batch | dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        plan = self.plan()
+        if plan.steps == 0:
+            return
+        reader = planning.readers(plan.steps, self.spec.topology, self.spec.rank)[worker]
+        done = planning.consumed_per_worker([r.batches for r in planning.readers(
+            plan.steps, self.spec.topology, self.spec.rank)], self.skip_batches)[worker]
+        try:
+            yield from ReaderRun(self.spec, plan, self.shard_order(), reader, done).batches()
+        except DataError as error:  # strict mode: hand the one-line message to the main process
+            yield {"error": str(error)}
+
+
+class ReaderRun:
+    """Reads one reader's slots in file order, emits them in shuffle order, decodes, batches."""
+
+    def __init__(self, spec: StreamSpec, plan: planning.EpochPlan, order: np.ndarray, reader: planning.Reader,
+                 batches_done: int):
+        self.spec, self.plan, self.reader = spec, plan, reader
+        self.shard_urls = [spec.urls[i] for i in order]
+        counts = np.asarray(spec.counts)[order]
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
+        emit_order, _ = plan.reader_order(reader, spec.buffer_size, spec.seed)
+        self.emit = emit_order[batches_done * spec.topology.micro_batch:]
+        self.first_batch = batches_done
+        self.skipped: collections.Counter = collections.Counter()
+        self.last_good: tuple[dict, int | torch.Tensor] | None = None
+
+    def batches(self) -> Iterator[Batch]:
+        size = self.spec.topology.micro_batch
+        slots = self.read_slots(np.sort(self.emit))
+        store: dict[int, dict | ShardProblem] = {}
+        entries: list = []
+        for slot in self.emit:
+            slot = int(slot)
+            while slot not in store:
+                got_slot, item = next(slots)
+                store[got_slot] = item
+            entries.append(self.prepare(slot, store.pop(slot)))
+            if len(entries) == size:
+                yield self.collate(entries, self.first_batch)
+                self.first_batch += 1
+                entries = []
+        assert not entries, "reader lengths are whole batches"
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_slots(self, slots: np.ndarray) -> Iterator[tuple[int, dict | ShardProblem]]:
+        """(slot, raw sample or problem) in slot order, opening each shard as few times as needed."""
+        current, offset, samples = -1, 0, iter(())
+        for slot in slots:
+            sample_id, _ = self.plan.sample_at(self.reader.start + int(slot))
+            shard = int(np.searchsorted(self.shard_starts, sample_id, side="right")) - 1
+            wanted = sample_id - int(self.shard_starts[shard])
+            if shard != current or offset > wanted:
+                current, offset, samples, ended = shard, 0, iter_shard(self.shard_urls[shard]), None
+            item = None
+            while offset <= wanted:
+                item = next(samples, None) if ended is None else ended
+                if item is None or (isinstance(item, ShardProblem) and not item.key):
+                    ended = item or ShardProblem(self.shard_urls[shard], "", "truncated_shard",
+                                                 "shard has fewer samples than its index says")
+                    item = ended
+                    break
+                offset += 1
+            yield int(slot), item
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def prepare(self, slot: int, item: dict | ShardProblem):
+        position = self.reader.start + slot
+        sample_id, is_pad = self.plan.sample_at(position)
+        seed = sample_seed(self.spec.seed, self.plan.epoch, sample_id, position if is_pad else -1)
+        if isinstance(item, ShardProblem):
+            key = item.key or f"#{sample_id - int(self.shard_starts[self._shard_of(sample_id)])}"
+            return self.skip(item.reason, item.shard, key, item.detail, seed)
+        try:
+            target = decode_target(item, self.spec.labels)
+            image = self.spec.augment(image_bytes(item), seed)
+        except SampleError as error:
+            return self.skip(error.reason, item["__shard__"], item["__key__"], error.detail, seed)
+        self.last_good = (item, target)
+        return image, target, not is_pad, item["__key__"]
+
+    def _shard_of(self, sample_id: int) -> int:
+        return int(np.searchsorted(self.shard_starts, sample_id, side="right")) - 1
+
+    def skip(self, reason: str, shard: str, key: str, detail: str, seed: int):
+        if self.spec.strict:
+            raise DataError(f"shard {shard}, sample {key}: {reason} ({detail}); fix or remove it, "
+                            f"or set data.strict=false to skip such samples")
+        self.skipped[reason] += 1
+        if self.spec.ledger:
+            record = {"shard": shard, "key": key, "reason": reason, "detail": detail[:200],
+                      "epoch": self.plan.epoch, "rank": self.spec.rank, "worker": self.reader.worker}
+            with open(self.spec.ledger, "a") as ledger:  # O_APPEND: whole lines from each worker
+                ledger.write(json.dumps(record) + "\n")
+        return ("refill", seed)
+
+    def refill(self, seed: int):
+        if self.last_good is None:
+            self.last_good = self.find_good_sample()
+        item, target = self.last_good
+        return self.spec.augment(image_bytes(item), seed), target, False, item["__key__"]
+
+    def find_good_sample(self) -> tuple[dict, int | torch.Tensor]:
+        """A decodable sample from anywhere in the epoch, when a reader's own slice has none yet."""
+        for url in self.shard_urls:
+            for item in iter_shard(url):
+                if isinstance(item, dict):
+                    try:
+                        target = decode_target(item, self.spec.labels)
+                        self.spec.augment(image_bytes(item), 0)
+                        return item, target
+                    except SampleError:
+                        continue
+        raise DataError("no readable sample in any shard; run `vitscale shards check` on the data")
+
+    def collate(self, entries: list, batch_index: int) -> Batch:
+        entries = [self.refill(e[1]) if len(e) == 2 else e for e in entries]
+        images = torch.stack([e[0] for e in entries])  # (B, 3, H, W) uint8
+        targets = torch.stack([e[1] for e in entries]) if self.spec.labels.multi_label else \
+            torch.tensor([e[1] for e in entries], dtype=torch.int64)
+        images = normalize(images, self.spec.mean, self.spec.std)
+        spec = self.spec
+        if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:
+            rng = np.random.default_rng([spec.seed, self.plan.epoch, self.plan.segment, spec.rank, batch_index, 0x313])
+            images, targets = mix_batch(images, targets, num_classes=spec.labels.num_classes,
+                                        mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha, rng=rng)
+        return Batch(images, targets, torch.tensor([e[2] for e in entries]), [e[3] for e in entries],
+                     dict(self.skipped), self.reader.worker)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def sample_seed(seed: int, epoch: int, sample_id: int, pad_position: int) -> int:
+    """Augmentation seed of one sample in one epoch: independent of rank, worker and resume."""
+    return int(np.random.SeedSequence([seed, epoch, sample_id, pad_position + 1]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Main-process loaders.
+
+
+class _RankLoader:
+    """Runs a ShardStream through a DataLoader per epoch segment and keeps the resume state."""
+
+    def __init__(self, stream: ShardStream, *, num_workers: int, pin_memory: bool, prefetch_factor: int):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.prefetch_factor = prefetch_factor
+        self.epoch, self.history, self.batches_done = 0, [], 0
+        self._skipped_before: collections.Counter = collections.Counter()
+        self._skipped_now: dict[int, dict[str, int]] = {}
+
+    def skipped_samples(self) -> dict[str, int]:
+        """Cumulative skipped/corrupt sample counts by reason, on this rank (all workers)."""
+        total = collections.Counter(self._skipped_before)
+        for counts in self._skipped_now.values():
+            total.update(counts)
+        return dict(total)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per rank in a full epoch (the same on every rank)."""
+        return self.stream.configure(self.epoch, [], 0).plan().steps
+
+    def _segment(self) -> Iterator[Batch]:
+        """The rest of the current epoch segment, in the order the DataLoader yields it."""
+        stream = self.stream.configure(self.epoch, self.history, self.batches_done)
+        kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, **kwargs)
+        for payload in loader:
+            if isinstance(payload, dict):
+                raise DataError(payload["error"])
+            self._skipped_now[payload.worker] = payload.skipped
+            self.batches_done += 1
+            yield payload
+        self._close_segment()
+
+    def _close_segment(self) -> None:
+        self._skipped_before = collections.Counter(self.skipped_samples())
+        self._skipped_now = {}
+
+    def _topology_record(self) -> dict:
+        return self.stream.spec.topology.to_dict()
+
+    def state_dict(self) -> dict:
+        spec = self.stream.spec
+        return {"version": STATE_VERSION, "seed": spec.seed, "shards": len(spec.urls),
+                "samples_per_epoch": int(sum(spec.counts)), "epoch": self.epoch, "history": list(self.history),
+                "current": {**self._topology_record(), "batches": self.batches_done},
+                "skipped": self.skipped_samples()}
+
+    def load_state_dict(self, state: dict) -> None:
+        spec = self.stream.spec
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise DataError("data loader state is missing or from another version; resume without it "
+                            "or use a checkpoint written by this version")
+        mine = {"seed": spec.seed, "shards": len(spec.urls), "samples_per_epoch": int(sum(spec.counts))}
+        theirs = {k: state.get(k) for k in mine}
+        if mine != theirs:
+            raise DataError(f"data loader state was saved for {theirs}, this run has {mine}: exact resume needs "
+                            f"the same shards and run.seed (start the data from scratch by not loading its state)")
+        current = dict(state["current"])
+        batches = int(current.pop("batches"))
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        if current == self._topology_record():
+            self.batches_done = batches
+        else:  # new world size, workers or micro-batch: split the rest of the epoch anew
+            self.history.append({**current, "batches": batches})
+            self.batches_done = 0
+        self._skipped_before = collections.Counter(state.get("skipped", {}))
+        self._skipped_now = {}
+
+
+class TrainLoader(_RankLoader):
+    """Yields (images, targets) forever; epoch e is shuffled from seed + e."""
+
+    def batches(self) -> Iterator[Batch]:
+        while True:
+            plan = self.stream.configure(self.epoch, self.history, self.batches_done).plan()
+            if self.batches_done < plan.steps:
+                yield from self._segment()
+            self.epoch, self.history, self.batches_done = self.epoch + 1, [], 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.batches():
+            yield batch.images, batch.targets
+
+
+class EvalLoader(_RankLoader):
+    """One pass over the held-out shards; yields (images, targets, valid)."""
+
+    def batches(self) -> Iterator[Batch]:
+        self.epoch, self.history, self.batches_done = 0, [], 0
+        self._skipped_before, self._skipped_now = collections.Counter(), {}
+        yield from self._segment()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for batch in self.batches():
+            yield batch.images, batch.targets, batch.valid
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+def build_train_loader(data_cfg: DataConfig, *, micro_batch_size: int, image_size: int, num_classes: int,
+                       rank: int, world_size: int, seed: int, run_dir: str | Path | None = None) -> TrainLoader:
+    spec = _stream_spec(data_cfg, data_cfg.train_shards, "data.train_shards", train=True,
+                        micro_batch_size=micro_batch_size, image_size=image_size, num_classes=num_classes,
+                        rank=rank, world_size=world_size, seed=seed, run_dir=run_dir)
+    return TrainLoader(ShardStream(spec), num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory,
+                       prefetch_factor=data_cfg.prefetch_factor)
+
+
+def build_eval_loader(data_cfg: DataConfig, *, micro_batch_size: int, image_size: int, num_classes: int,
+                      rank: int, world_size: int, run_dir: str | Path | None = None) -> EvalLoader:
+    spec = _stream_spec(data_cfg, data_cfg.eval_shards, "data.eval_shards", train=False,
+                        micro_batch_size=micro_batch_size, image_size=image_size, num_classes=num_classes,
+                        rank=rank, world_size=world_size, seed=0, run_dir=run_dir)
+    return EvalLoader(ShardStream(spec), num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory,
+                      prefetch_factor=data_cfg.prefetch_factor)
+
+
+def _stream_spec(cfg: DataConfig, shards: str, key: str, *, train: bool, micro_batch_size: int, image_size: int,
+                 num_classes: int, rank: int, world_size: int, seed: int, run_dir) -> StreamSpec:
+    if not 0 <= rank < world_size:
+        raise ConfigError("", f"rank {rank} outside world size {world_size}", "check the launcher's environment")
+    urls = expand_shards(shards, allow_shell=cfg.allow_shell, key=key)
+    topology = planning.Topology(world_size, max(1, cfg.num_workers), micro_batch_size)
+    check_shard_count(len(urls), topology, cfg.few_shards, key)
+    counts = shard_sample_counts(urls, cfg.index)
+    if sum(counts) == 0:
+        raise DataError(f"{key}: the shards hold no samples (check them with `vitscale shards check`)")
+    augment = Augment(image_size, train, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip, cfg.fast_decode,
+                      cfg.max_image_pixels, cfg.eval_crop_fraction,
+                      cfg.randaugment_layers if train else 0, cfg.randaugment_magnitude)
+    labels = LabelSpec(num_classes, cfg.multi_label, load_class_map(cfg.class_map))
+    return StreamSpec(tuple(urls), tuple(counts), augment, labels, tuple(cfg.mean), tuple(cfg.std), seed, rank,
+                      topology, cfg.shuffle_buffer if train else 1, cfg.shuffle_shards and train,
+                      cfg.resampled and train, cfg.strict, ledger_path(cfg, run_dir, rank, train),
+                      mixup_alpha=cfg.mixup_alpha if train else 0.0, cutmix_alpha=cfg.cutmix_alpha if train else 0.0)
+
+
+def check_shard_count(num_shards: int, topology: planning.Topology, policy: str, key: str) -> None:
+    readers = topology.world_size * topology.workers
+    if num_shards < readers and policy == "refuse":
+        raise ConfigError(key, f"{num_shards} shards for {topology.world_size} ranks x {topology.workers} workers "
+                               f"= {readers} readers", "write more, smaller shards, lower data.num_workers, or "
+                                                        "set data.few_shards=rebalance to split shards by sample")
+
+
+def ledger_path(cfg: DataConfig, run_dir, rank: int, train: bool) -> str | None:
+    """Per-rank ledger file; workers of the rank append whole lines to it."""
+    name = f"skipped_samples.{'train' if train else 'eval'}.rank{rank:05d}.jsonl"
+    if cfg.skip_ledger:
+        base = Path(cfg.skip_ledger)
+        path = base / name if base.is_dir() or not base.suffix else base.with_name(f"{base.stem}.{name}")
+    elif run_dir is not None:
+        path = Path(run_dir) / name
+    else:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
