@@ -1,0 +1,89 @@
+"""What every importer shares: the `Imported` result, naming a shape after the size table, and
+turning read-off fields + the user's config/flags into a validated `Config`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vitscale.errors import CheckpointError
+
+# ModelConfig fields that describe the network's structure. An importer sets each one it can read
+# off the source (None included: "no pre-logits" must override a base config that has them).
+STRUCTURE_FIELDS = ("name", "image_size", "in_channels", "num_classes", "depth", "width", "mlp_dim", "heads",
+                    "patch_size", "classifier", "pos_embed", "norm_position", "representation_size",
+                    "layer_norm_eps", "mlp_activation")
+
+
+@dataclass
+class Imported:
+    """A foreign checkpoint in vitscale terms."""
+
+    state_dict: dict[str, torch.Tensor]  # VisionTransformer's names and layouts
+    model: dict[str, Any]  # ModelConfig fields read off the source
+    source: str  # e.g. "timm", "Hugging Face ViTModel", "big_vision .npz"
+    # ModelConfig fields the source does not record; the user supplies them as model.KEY=VALUE.
+    unknown: dict[str, str] = field(default_factory=dict)  # field -> why it is needed
+
+
+def shape_fields(*, depth: int, width: int, mlp_dim: int, heads: int | None, patch_size: int) -> tuple[dict, dict]:
+    """Model fields for a shape, named after the size table when the width matches a row (so
+    `vitscale model` prints "Ti/16"); every number is also set explicitly so that a base config's
+    own overrides cannot leak in. Returns (fields, unknown)."""
+    from vitscale.model.config import SIZES
+
+    size = next((name for name, row in SIZES.items() if row[1] == width), None)
+    fields = {"name": f"{size or 'B'}/{patch_size}", "depth": depth, "width": width, "mlp_dim": mlp_dim,
+              "patch_size": patch_size}
+    unknown = {}
+    if heads is not None:
+        fields["heads"] = heads
+    elif size is not None:
+        fields["heads"] = SIZES[size][3]  # the paper's head count for this width
+    else:
+        unknown["heads"] = f"width {width} is not a standard ViT size, so the head count is unknown"
+    return fields, unknown
+
+
+def grid_from_positions(positions: int, extra_tokens: int, source: str) -> int:
+    """Side of the square patch grid from a position table's length."""
+    grid = math.isqrt(positions - extra_tokens)
+    if grid * grid != positions - extra_tokens:
+        raise CheckpointError(f"{source}: position embedding has {positions} entries, not {extra_tokens} + a "
+                              "square grid; only square inputs are supported")
+    return grid
+
+
+def resolve_config(imported: Imported, config_path: str | Path | None = None, overrides: Sequence[str] = ()):
+    """defaults <- the YAML file (run, data, ... sections) <- what the source records <- the
+    user's `KEY=VALUE` overrides; validated, and checked against the converted state_dict."""
+    from vitscale.config import apply_override, config_from_dict, read_yaml_tree
+    from vitscale.model.weights import check_state_dict
+
+    raw = read_yaml_tree(Path(config_path)) if config_path else {}
+    model = raw.setdefault("model", {})
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{config_path}: `model` must be a section")
+    user_keys = {item.split("=", 1)[0].removeprefix("--") for item in overrides}
+    for key, why in imported.unknown.items():
+        if f"model.{key}" not in user_keys and key not in model:
+            raise CheckpointError(f"{imported.source} does not record model.{key} ({why}); "
+                                  f"pass it as model.{key}=VALUE")
+    model.update(imported.model)
+    for item in overrides:
+        apply_override(raw, item)
+    config = config_from_dict(raw).validate()
+    check_state_dict(imported.state_dict, config.model, source=imported.source)
+    return config
+
+
+def to_float32(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state_dict.items():
+        tensor = torch.as_tensor(value)
+        out[name] = tensor.float() if tensor.is_floating_point() else tensor
+    return out

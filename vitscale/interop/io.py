@@ -1,0 +1,64 @@
+"""Reading foreign weight files safely and telling their format apart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vitscale.errors import CheckpointError
+
+FORMATS = ("vitscale", "timm", "hf", "npz")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a PyTorch file read with `weights_only=True` (tensors and plain
+    containers only: a pickle cannot run code here)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} not found; check the path")
+    if path.suffix == ".safetensors":
+        from vitscale.model.weights import read_safetensors
+
+        return read_safetensors(path)[0]
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError, RuntimeError, zipfile errors, ...
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is neither safetensors nor a plain PyTorch state dict ({first_line}); "
+                              "save it with torch.save(model.state_dict()) or as safetensors") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the source format: vitscale weights, timm, Hugging Face, or a Google .npz."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "vit":
+            return "hf"
+        raise CheckpointError(f"{path} is a directory without a Hugging Face ViT config.json; pass a weights file")
+    if not path.exists():
+        raise CheckpointError(f"{path} not found; check the path")
+    if path.suffix == ".npz":
+        return "npz"
+    if path.suffix == ".safetensors":
+        from vitscale.model.weights import META_CONFIG, read_safetensors
+
+        tensors, metadata = read_safetensors(path)
+        if META_CONFIG in metadata:
+            return "vitscale"
+        return format_of_keys(tensors.keys(), path)
+    return format_of_keys(read_state_dict(path).keys(), path)
+
+
+def format_of_keys(keys, path) -> str:
+    keys = list(keys)
+    if any("patch_embed.proj.weight" in k for k in keys):
+        return "timm"
+    if any("embeddings.patch_embeddings.projection.weight" in k for k in keys):
+        return "hf"
+    raise CheckpointError(f"cannot tell the format of {path} from its tensor names ({', '.join(keys[:3])}, ...); "
+                          "pass --from timm, hf, npz or vitscale")

@@ -1,0 +1,134 @@
+"""timm `vit_*` state dicts -> vitscale.
+
+timm's VisionTransformer uses nearly vitscale's names (patch_embed.proj, blocks.N.attn.qkv, ...).
+What differs, and how it is handled:
+- `pos_embed` is a bare parameter (vitscale: `pos_embed.weight`); with `no_embed_class=True` it has
+  no [class] entry, so a zero one is added (the [class] token then gets no position, as in timm).
+- LayerScale (`ls1.gamma`, `ls2.gamma`) multiplies a branch's output per channel: folded exactly
+  into the preceding linear layer (attn.proj, mlp.fc2).
+- `qkv_bias=False` / a bias-free patch projection: zero biases are the same function.
+- GAP: timm pools and then normalises (`fc_norm`) by default; vitscale (like big_vision)
+  normalises every token and then pools. Only `fc_norm=False` models convert exactly, so
+  others are refused with that fix.
+- MAP head (`global_pool='map'`): attn_pool.latent/q/kv/proj/norm/mlp -> pool.probe/q/kv/...
+Not recorded in a timm state dict: the head count (taken from the size table when the width is
+a standard one), LayerNorm eps (timm's 1e-6) and the activation (timm's exact GELU).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from vitscale.errors import CheckpointError
+from vitscale.interop.common import Imported, grid_from_positions, shape_fields, to_float32
+
+# Features of some timm ViTs that vitscale's model has no counterpart for.
+UNSUPPORTED = {
+    r"^reg_token$": "register tokens",
+    r"^norm_pre\.": "a pre-encoder norm (CLIP-style `pre_norm=True`)",
+    r"\.(q_norm|k_norm)\.": "query/key normalisation (`qk_norm=True`)",
+    r"\.mlp\.norm\.": "a norm inside the MLP (`scale_mlp_norm=True`)",
+    r"\.(attn|mlp)\.(w12|w3|gate)": "a gated (SwiGLU) MLP",
+    r"^attn_pool\.pos_embed$": "an attention-pool position embedding",
+    r"^fc_norm\.": "pooling before the final norm (`fc_norm`); create the timm model with fc_norm=False",
+    r"^patch_embed\.(backbone|norm)\.": "a hybrid or normalised patch embedding",
+}
+
+
+def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm") -> Imported:
+    """A timm VisionTransformer state_dict -> vitscale names and the config fields it records."""
+    sd = to_float32(_unwrap(state_dict))
+    if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
+        raise CheckpointError(f"{source} is not a timm VisionTransformer state dict (no patch_embed.proj.weight "
+                              "or blocks.0.attn.qkv.weight); pass --from for another format")
+    for pattern, feature in UNSUPPORTED.items():
+        hit = next((name for name in sd if re.search(pattern, name)), None)
+        if hit is not None:
+            raise CheckpointError(f"{source} uses {feature} ({hit}), which vitscale's ViT does not have; "
+                                  "only plain ViTs convert exactly")
+    out: dict[str, torch.Tensor] = {}
+    proj = sd.pop("patch_embed.proj.weight")  # (D, C, P, P)
+    width, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    out["patch_embed.proj.weight"] = proj
+    out["patch_embed.proj.bias"] = sd.pop("patch_embed.proj.bias", torch.zeros(width))
+    cls = sd.pop("cls_token", None)
+    extra = 1 if cls is not None else 0
+    if cls is not None:
+        out["cls_token"] = cls
+    fields: dict = {"in_channels": in_channels, "norm_position": "pre", "layer_norm_eps": 1e-6,
+                    "mlp_activation": "gelu"}
+    pos = sd.pop("pos_embed", sd.pop("pos_embed.weight", None))  # timm, or a bare vitscale state dict
+    if pos is not None:
+        if extra and _is_square(pos.shape[1]):
+            pos = torch.cat([torch.zeros(1, 1, width), pos], dim=1)  # no_embed_class: [class] gets no position
+        grid = grid_from_positions(pos.shape[1], extra, source)
+        out["pos_embed.weight"] = pos
+        fields.update(image_size=grid * patch, pos_embed="learned_1d")
+    else:
+        fields["pos_embed"] = "none"
+
+    depth = 1 + max(int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in sd) if m)
+    for i in range(depth):
+        out.update(_block(sd, i, width))
+    mlp_dim = out["blocks.0.mlp.fc1.weight"].shape[0]
+    out["norm.weight"], out["norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")
+
+    if any(k.startswith("attn_pool.") for k in sd):
+        latent = sd.pop("attn_pool.latent")
+        if latent.shape[1] != 1:
+            raise CheckpointError(f"{source}: attention pool with {latent.shape[1]} latents; vitscale's MAP head has 1")
+        out["pool.probe"] = latent
+        for name in ("q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2"):
+            out[f"pool.{name}.weight"] = sd.pop(f"attn_pool.{name}.weight")
+            bias = sd.pop(f"attn_pool.{name}.bias", None)
+            out[f"pool.{name}.bias"] = bias if bias is not None else torch.zeros(out[f"pool.{name}.weight"].shape[0])
+        fields["classifier"] = "map"
+    else:
+        # A [class] token means token pooling; without one, vitscale's GAP (norm, then mean).
+        fields["classifier"] = "token" if extra else "gap"
+
+    head = sd.pop("head.weight", None)
+    if head is not None:
+        out["head.weight"], out["head.bias"] = head, sd.pop("head.bias")
+    fields.update(num_classes=head.shape[0] if head is not None else 0, representation_size=None)
+    leftover = sorted(k for k in sd if not k.endswith("num_batches_tracked"))
+    if leftover:
+        raise CheckpointError(f"{source}: tensors vitscale does not know: {', '.join(leftover[:4])}; "
+                              "this is not a plain timm ViT")
+    shape, unknown = shape_fields(depth=depth, width=width, mlp_dim=mlp_dim, heads=None, patch_size=patch)
+    return Imported(out, {**fields, **shape}, source, unknown)
+
+
+def _block(sd: dict[str, torch.Tensor], i: int, width: int) -> dict[str, torch.Tensor]:
+    src, dst = f"blocks.{i}.", f"blocks.{i}."
+    out = {}
+    for name in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        weight = sd.pop(src + name + ".weight")
+        bias = sd.pop(src + name + ".bias", None)
+        out[dst + name + ".weight"] = weight
+        out[dst + name + ".bias"] = bias if bias is not None else torch.zeros(weight.shape[0])
+    # LayerScale: gamma * (W x + b) == (gamma W) x + gamma b, exactly.
+    for scale, linear in (("ls1.gamma", "attn.proj"), ("ls2.gamma", "mlp.fc2")):
+        gamma = sd.pop(src + scale, None)
+        if gamma is not None:
+            out[dst + linear + ".weight"] = out[dst + linear + ".weight"] * gamma[:, None]
+            out[dst + linear + ".bias"] = out[dst + linear + ".bias"] * gamma
+    return out
+
+
+def _is_square(n: int) -> bool:
+    import math
+
+    return math.isqrt(n) ** 2 == n
+
+
+def _unwrap(state_dict: dict) -> dict:
+    """Training checkpoints wrap the weights: {"state_dict": ...}, {"model": ...}, {"model_ema": ...}."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        inner = state_dict.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            state_dict = inner
+            break
+    return {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
