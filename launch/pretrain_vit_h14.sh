@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# sbatch launch/pretrain_vit_h14.sh [KEY=VALUE ...]
+#
+# ViT-H/14 supervised pretraining on JFT-style shards (configs/vit_h14_jft.yaml), multi-node.
+# Submit from the repository root on a filesystem every node sees. srun starts one launcher per
+# node (launch/torchrun.sh: torchrun, c10d rendezvous on the first node of the allocation), which
+# starts one training process per GPU. Requeued or resubmitted, the run resumes from its latest
+# complete checkpoint in run.output_dir/run.name.
+#
+# What to change -- without editing this file:
+#   sbatch options override the #SBATCH lines below:
+#     sbatch --nodes=16 --time=72:00:00 --partition=gpu --account=me launch/pretrain_vit_h14.sh
+#   arguments are dotted config overrides for vitscale/train.py:
+#     sbatch launch/pretrain_vit_h14.sh data.train_shards=/data/jft/train-{000000..099999}.tar optim.lr=3e-4
+#   environment variables (exported at submission; Slurm passes them to the job):
+#     VITSCALE_CONFIG             config file (default configs/vit_h14_jft.yaml)
+#     VITSCALE_OVERRIDES          more overrides, whitespace-separated (never shell-evaluated)
+#     VITSCALE_DS_CONFIG          DeepSpeed JSON passed as --ds_config (default: none, from the config tree)
+#     VITSCALE_GPUS_PER_NODE      default: the GPUs Slurm allocated; 0 runs CPU processes (gloo)
+#     VITSCALE_PROCS_PER_NODE     processes per node (default: one per GPU; 1 on CPU)
+#     VITSCALE_MASTER_PORT        rendezvous port on the first node (default 20000 + job id % 20000)
+#     VITSCALE_OUTPUT_DIR         run.output_dir (checkpoints, config, log.jsonl)
+#     VITSCALE_LOG_DIR            per-rank logs (default logs/<job id>); restart N goes to restartN/
+#     VITSCALE_METRICS_PORT       Prometheus /metrics base port (metrics.port; + local rank)
+#     VITSCALE_METRICS_ADDRESS    bind address (metrics.address; 0.0.0.0 lets a remote Prometheus in)
+#     VITSCALE_PROMETHEUS_TARGETS directory your Prometheus watches with file_sd (metrics.file_sd_dir)
+#     VITSCALE_PYTHON             interpreter on the nodes (default: .venv/bin/python, else python3)
+#     VITSCALE_ROOT               repository root (default: the submission directory)
+#
+# Pre-emption: --signal=B:USR1@300 makes Slurm signal this script 5 minutes before the time
+# limit; it forwards SIGUSR1 to every training process, which checkpoint at the next step and
+# requeue the job (`scontrol requeue`). `scancel --signal=USR1 --batch JOBID` does the same by hand.
+#
+#SBATCH --job-name=vit_h14_jft
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+die() {
+  echo "pretrain_vit_h14.sh: $*" >&2
+  exit 2
+}
+
+require_whole_number() {
+  # Before any arithmetic: bash evaluates a variable's text inside $(( )) as code.
+  local name=$1 value=$2
+  [[ $value =~ ^[0-9]+$ ]] || die "$name must be a whole number, got '$value'"
+}
+
+[ -n "${SLURM_JOB_ID:-}" ] || die "submit with sbatch (for one machine without Slurm use launch/torchrun.sh)"
+job_id=$SLURM_JOB_ID
+require_whole_number SLURM_JOB_ID "$job_id"
+restart=${SLURM_RESTART_COUNT:-0}
+require_whole_number SLURM_RESTART_COUNT "$restart"
+
+repo=${VITSCALE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+[ -x "$repo/launch/torchrun.sh" ] && [ -f "$repo/vitscale/train.py" ] \
+  || die "no vitscale checkout at '$repo': submit from the repository root or set VITSCALE_ROOT"
+cd -- "$repo"
+
+nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+require_whole_number SLURM_JOB_NUM_NODES "$nodes"
+master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+master_port=${VITSCALE_MASTER_PORT:-$((20000 + job_id % 20000))}
+require_whole_number VITSCALE_MASTER_PORT "$master_port"
+
+gpus=${VITSCALE_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+require_whole_number VITSCALE_GPUS_PER_NODE "$gpus"
+if [ "$gpus" = 0 ]; then
+  procs=${VITSCALE_PROCS_PER_NODE:-1}
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+else
+  procs=${VITSCALE_PROCS_PER_NODE:-$gpus}
+fi
+require_whole_number VITSCALE_PROCS_PER_NODE "$procs"
+
+log_dir=${VITSCALE_LOG_DIR:-$repo/logs/$job_id}/restart$restart
+mkdir -p -- "$log_dir"
+
+# train.py arguments as an array: values reach Python verbatim, nothing is ever evaluated.
+train_args=(--config "${VITSCALE_CONFIG:-configs/vit_h14_jft.yaml}")
+[ -n "${VITSCALE_DS_CONFIG:-}" ] && train_args+=(--ds_config "$VITSCALE_DS_CONFIG")
+read -r -a env_overrides <<<"${VITSCALE_OVERRIDES:-}"  # splits on whitespace; read never globs
+train_args+=("${env_overrides[@]}")
+[ -n "${VITSCALE_OUTPUT_DIR:-}" ] && train_args+=("run.output_dir=$VITSCALE_OUTPUT_DIR")
+[ -n "${VITSCALE_METRICS_PORT:-}" ] && train_args+=("metrics.port=$VITSCALE_METRICS_PORT")
+[ -n "${VITSCALE_METRICS_ADDRESS:-}" ] && train_args+=("metrics.address=$VITSCALE_METRICS_ADDRESS")
+[ -n "${VITSCALE_PROMETHEUS_TARGETS:-}" ] && train_args+=("metrics.file_sd_dir=$VITSCALE_PROMETHEUS_TARGETS")
+train_args+=("$@")
+
+export VITSCALE_NNODES=$nodes VITSCALE_NPROC_PER_NODE=$procs VITSCALE_RDZV_ID=$job_id
+export VITSCALE_RDZV_ENDPOINT=$master_addr:$master_port VITSCALE_LOG_DIR=$log_dir
+export MASTER_ADDR=$master_addr MASTER_PORT=$master_port
+
+printf 'pretrain_vit_h14.sh: job %s restart %s: %s node(s) x %s process(es) (%s GPU(s)/node), rendezvous %s, logs %s\n' \
+  "$job_id" "$restart" "$nodes" "$procs" "$gpus" "$VITSCALE_RDZV_ENDPOINT" "$log_dir"
+printf 'pretrain_vit_h14.sh: train.py'
+printf ' %q' "${train_args[@]}"
+printf '\n'
+
+# srun passes every SLURM_* variable on; its own task layout must not follow the batch options.
+srun_args=(--nodes "$nodes" --ntasks "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1)
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_args+=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
+srun "${srun_args[@]}" "$repo/launch/torchrun.sh" "${train_args[@]}" &
+srun_pid=$!
+
+forward() {
+  # srun relays the signal to its task on every node: launch/torchrun.sh, which signals the ranks.
+  echo "pretrain_vit_h14.sh: SIG$1 received: forwarding to the training processes" >&2
+  kill -s "$1" "$srun_pid" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# `wait` returns early whenever a trapped signal arrives; keep waiting until srun is gone.
+while kill -0 "$srun_pid" 2>/dev/null; do
+  wait "$srun_pid" || true
+done
+status=0
+wait "$srun_pid" || status=$?
+echo "pretrain_vit_h14.sh: training exited with status $status"
+exit "$status"

@@ -1,0 +1,244 @@
+"""Launcher scripts without a cluster: argument passing, environment overrides, shell safety.
+
+`launch/torchrun.sh` runs with a recording stand-in for Python (so torchrun's argv is checked
+exactly), and `launch/pretrain_vit_h14.sh` with stand-ins for `srun`/`scontrol` that run the
+per-node command the way srun does (exec, no shell). The real Slurm runs are in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = REPO / "launch" / "torchrun.sh"
+PRETRAIN = REPO / "launch" / "pretrain_vit_h14.sh"
+
+# Strings that would run `touch CANARY` if any launcher let a shell evaluate them.
+def hostile_values(canary: Path) -> list[str]:
+    return [
+        f"x;touch {canary}",
+        f"$(touch {canary})",
+        f"`touch {canary}`",
+        f"a' ; touch {canary} ; echo 'b",
+        f'a" ; touch {canary} ; echo "b',
+        f"a[$(touch {canary})]",          # bash arithmetic evaluates array subscripts
+        f"$(touch {canary}) && echo *",
+    ]
+
+
+RECORDER = """#!{python}
+import json, os, sys
+with open(os.environ["RECORD_TO"], "a") as out:
+    out.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: v for k, v in os.environ.items()
+                                                       if k.startswith(("VITSCALE_", "DS_", "MASTER_"))}}}}) + "\\n")
+"""
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Like srun for one node: drop srun's own options, exec the task command (no shell in between).
+echo "$@" > /dev/null
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --*=*) shift ;;
+    --nodes|--ntasks|--ntasks-per-node|--cpus-per-task) shift 2 ;;
+    --kill-on-bad-exit) shift ;;
+    *) break ;;
+  esac
+done
+printf '%s\\0' "$@" > "$SRUN_ARGV_FILE"
+exec "$@"
+"""
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# `scontrol show hostnames NODELIST` for a single node.
+[ "$1 $2" = "show hostnames" ] && echo "$3"
+"""
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    script = tmp_path / "fake_python"
+    script.write_text(RECORDER.format(python=sys.executable))
+    script.chmod(0o755)
+    record = tmp_path / "record.jsonl"
+
+    def calls():
+        return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+    return script, record, calls
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VITSCALE_", "SLURM_", "CUDA_VISIBLE", "MASTER_", "DS_ACCELERATOR"))}
+    env.update(extra)
+    return env
+
+
+def test_torchrun_passes_arguments_verbatim_and_runs_nothing(recorder, tmp_path):
+    fake_python, record, calls = recorder
+    canary = tmp_path / "canary"
+    values = hostile_values(canary)
+    args = ["--config", "configs/vit_h14_jft_tiny.yaml"] + [f"metrics.advertise_host={v}" for v in values]
+    env = clean_env(VITSCALE_PYTHON=str(fake_python), RECORD_TO=str(record), VITSCALE_NPROC_PER_NODE="2",
+                    CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(["bash", str(TORCHRUN), *args], env=env, capture_output=True, text=True,
+                            timeout=30, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (call,) = calls()
+    argv = call["argv"]
+    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "2" and "--standalone" in argv
+    script_at = argv.index(str(REPO / "vitscale" / "train.py"))
+    assert argv[script_at + 1:] == args
+    assert call["env"]["DS_ACCELERATOR"] == "cpu"  # no GPUs visible: CPU processes
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("variable", ["VITSCALE_NPROC_PER_NODE", "VITSCALE_NNODES"])
+def test_torchrun_rejects_non_numeric_counts_without_evaluating_them(recorder, tmp_path, variable):
+    fake_python, record, calls = recorder
+    canary = tmp_path / "canary"
+    for value in hostile_values(canary):
+        env = clean_env(VITSCALE_PYTHON=str(fake_python), RECORD_TO=str(record), **{variable: value})
+        result = subprocess.run(["bash", str(TORCHRUN)], env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and f"{variable} must be a whole number" in result.stderr
+    assert not canary.exists() and calls() == []
+
+
+def test_torchrun_multinode_uses_c10d_rendezvous(recorder, tmp_path):
+    fake_python, record, calls = recorder
+    env = clean_env(VITSCALE_PYTHON=str(fake_python), RECORD_TO=str(record), VITSCALE_NNODES="4",
+                    VITSCALE_RDZV_ENDPOINT="node-01:29411", VITSCALE_RDZV_ID="4711",
+                    CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", VITSCALE_LOG_DIR=str(tmp_path / "logs"))
+    result = subprocess.run(["bash", str(TORCHRUN)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    argv = calls()[0]["argv"]
+    option = lambda name: argv[argv.index(name) + 1]  # noqa: E731
+    assert option("--nnodes") == "4" and option("--nproc-per-node") == "8"  # one per visible GPU
+    assert option("--rdzv-backend") == "c10d" and option("--rdzv-endpoint") == "node-01:29411"
+    assert option("--rdzv-id") == "4711" and option("--log-dir") == str(tmp_path / "logs")
+    assert "--standalone" not in argv and "DS_ACCELERATOR" not in calls()[0]["env"]
+    bad = dict(env, VITSCALE_RDZV_ENDPOINT="node;reboot:1")
+    result = subprocess.run(["bash", str(TORCHRUN)], env=bad, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "host:port" in result.stderr
+
+
+SIGNAL_WORKER = """#!{python}
+import os, signal, sys, time
+# Stands in for python -m torch.distributed.run: one child per 'rank' that reports its signal.
+if sys.argv[1:3] == ["-m", "torch.distributed.run"]:
+    import subprocess
+    kids = [subprocess.Popen([sys.argv[0], "rank", str(r)]) for r in range(2)]
+    sys.exit(max(k.wait() for k in kids))
+rank = sys.argv[2]
+def report(signum, frame):
+    with open(os.environ["RECORD_TO"], "a") as out:
+        out.write(f"rank {{rank}} got {{signal.Signals(signum).name}}\\n")
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, report)
+open(os.environ["RECORD_TO"] + ".ready" + rank, "w").close()
+time.sleep(30)
+sys.exit(1)
+"""
+
+
+def test_torchrun_forwards_usr1_to_every_training_process(tmp_path):
+    fake = tmp_path / "fake_python"
+    fake.write_text(SIGNAL_WORKER.format(python=sys.executable))
+    fake.chmod(0o755)
+    record = tmp_path / "signals.txt"
+    env = clean_env(VITSCALE_PYTHON=str(fake), RECORD_TO=str(record), VITSCALE_NPROC_PER_NODE="2")
+    launcher = subprocess.Popen(["bash", str(TORCHRUN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(Path(f"{record}.ready{r}").exists() for r in "01") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGUSR1)
+        assert launcher.wait(timeout=20) == 75  # the ranks' exit status comes back
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert sorted(record.read_text().splitlines()) == ["rank 0 got SIGUSR1", "rank 1 got SIGUSR1"]
+
+
+@pytest.fixture
+def fake_slurm_tools(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def run_pretrain(tmp_path, bin_dir, fake_python, record, args=(), **env_extra):
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", VITSCALE_PYTHON=str(fake_python),
+                    RECORD_TO=str(record), SRUN_ARGV_FILE=str(tmp_path / "srun_argv"),
+                    SLURM_JOB_ID="4711", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node-01",
+                    SLURM_SUBMIT_DIR=str(REPO), VITSCALE_LOG_DIR=str(tmp_path / "logs"), **env_extra)
+    return subprocess.run(["bash", str(PRETRAIN), *args], env=env, capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+
+
+def test_pretrain_script_takes_every_value_from_env_and_args_verbatim(recorder, fake_slurm_tools, tmp_path):
+    fake_python, record, calls = recorder
+    canary = tmp_path / "canary"
+    values = hostile_values(canary)
+    result = run_pretrain(
+        tmp_path, fake_slurm_tools, fake_python, record,
+        args=[f"run.name={v}" for v in values],
+        SLURM_JOB_NAME=f"job;touch {canary};$(touch {canary})", SLURM_RESTART_COUNT="1",
+        VITSCALE_CONFIG="configs/vit_h14_jft_tiny.yaml", VITSCALE_GPUS_PER_NODE="0", VITSCALE_PROCS_PER_NODE="2",
+        VITSCALE_OVERRIDES=f"optim.lr=1e-4  metrics.advertise_host=$(touch {canary}) data.train_shards=*",
+        VITSCALE_OUTPUT_DIR=f"/tmp/out;touch {canary}", VITSCALE_METRICS_PORT="9500",
+        VITSCALE_PROMETHEUS_TARGETS=str(tmp_path / "targets"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not canary.exists()
+    (call,) = calls()
+    argv = call["argv"]
+    train_args = argv[argv.index(str(REPO / "vitscale" / "train.py")) + 1:]
+    assert train_args == [
+        "--config", "configs/vit_h14_jft_tiny.yaml",
+        "optim.lr=1e-4", f"metrics.advertise_host=$(touch {canary})", "data.train_shards=*",  # no globbing
+        f"run.output_dir=/tmp/out;touch {canary}", "metrics.port=9500",
+        f"metrics.file_sd_dir={tmp_path / 'targets'}",
+    ] + [f"run.name={v}" for v in values]
+    env = call["env"]
+    assert env["VITSCALE_RDZV_ENDPOINT"] == f"node-01:{20000 + 4711 % 20000}" and env["VITSCALE_RDZV_ID"] == "4711"
+    assert env["VITSCALE_NPROC_PER_NODE"] == "2" and env["DS_ACCELERATOR"] == "cpu"
+    assert env["VITSCALE_LOG_DIR"] == str(tmp_path / "logs" / "restart1")  # per restart, per rank inside
+    srun_argv = (tmp_path / "srun_argv").read_bytes().split(b"\0")[:-1]
+    assert srun_argv[0] == str(REPO / "launch" / "torchrun.sh").encode()
+
+
+@pytest.mark.parametrize("variable", ["VITSCALE_MASTER_PORT", "VITSCALE_GPUS_PER_NODE", "VITSCALE_PROCS_PER_NODE",
+                                      "SLURM_JOB_ID", "SLURM_RESTART_COUNT"])
+def test_pretrain_script_never_evaluates_numeric_variables(recorder, fake_slurm_tools, tmp_path, variable):
+    fake_python, record, calls = recorder
+    canary = tmp_path / "canary"
+    result = run_pretrain(tmp_path, fake_slurm_tools, fake_python, record,
+                          **{variable: f"a[$(touch {canary})]"})
+    assert result.returncode == 2 and f"{variable} must be a whole number" in result.stderr
+    assert not canary.exists() and calls() == []
+
+
+def test_pretrain_script_outside_slurm_says_how_to_run(tmp_path):
+    result = subprocess.run(["bash", str(PRETRAIN)], env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "submit with sbatch" in result.stderr
+
+
+def test_launch_scripts_open_with_the_command_that_runs_them():
+    assert PRETRAIN.read_text().splitlines()[1] == "# sbatch launch/pretrain_vit_h14.sh [KEY=VALUE ...]"
+    assert TORCHRUN.read_text().splitlines()[1].startswith("# launch/torchrun.sh ")
+    for script in (PRETRAIN, TORCHRUN):
+        assert os.access(script, os.X_OK)
+        subprocess.run(["bash", "-n", str(script)], check=True)
