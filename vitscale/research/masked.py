@@ -213,22 +213,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_masked_patch_objective(config, pixel_mean: Sequence[float] | None = None,
-                                 pixel_std: Sequence[float] | None = None) -> MaskedPatchObjective:
-    """From the whole config tree; normalisation constants default to the data pipeline's."""
-    if pixel_mean is None or pixel_std is None:
-        pixel_mean, pixel_std = _data_normalisation()
-    return MaskedPatchObjective(config.masked_patch, pixel_mean, pixel_std)
-
-
-def _data_normalisation() -> tuple[Sequence[float], Sequence[float]]:
-    # The loader's constants, when it publishes them; (0.5, 0.5) maps [0, 1] to [-1, 1] as big_vision.
-    try:
-        from vitscale.data import transforms  # type: ignore[attr-defined]
-
-        return tuple(transforms.MEAN), tuple(transforms.STD)
-    except (ImportError, AttributeError):
-        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+def build_masked_patch_objective(config) -> MaskedPatchObjective:
+    """From the whole config tree; targets undo the loader's normalisation (data.mean, data.std)."""
+    return MaskedPatchObjective(config.masked_patch, config.data.mean, config.data.std)
 
 
 def _register() -> None:
