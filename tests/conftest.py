@@ -5,3 +5,5 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from data_fixtures import digits_pixels, digits_shards, uneven_shards  # noqa: E402,F401  (shard fixtures)

@@ -94,13 +94,18 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch | dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         plan = self.plan()
         if plan.steps == 0:
             return
-        reader = planning.readers(plan.steps, self.spec.topology, self.spec.rank)[worker]
-        done = planning.consumed_per_worker([r.batches for r in planning.readers(
-            plan.steps, self.spec.topology, self.spec.rank)], self.skip_batches)[worker]
+        rank_readers = planning.readers(plan.steps, self.spec.topology, self.spec.rank)
+        counts = [r.batches for r in rank_readers]
+        # The DataLoader starts its round-robin at worker 0; after a resume the next batch is due
+        # from reader `first`, so worker i plays reader (i + first) % workers.
+        order = planning.interleave(counts)
+        first = order[self.skip_batches][0] if self.skip_batches < len(order) else 0
+        worker = ((info.id if info is not None else 0) + first) % len(rank_readers)
+        reader = rank_readers[worker]
+        done = planning.consumed_per_worker(counts, self.skip_batches)[worker]
         try:
             yield from ReaderRun(self.spec, plan, self.shard_order(), reader, done).batches()
         except DataError as error:  # strict mode: hand the one-line message to the main process
@@ -322,10 +327,17 @@ class TrainLoader(_RankLoader):
 
     def batches(self) -> Iterator[Batch]:
         while True:
-            plan = self.stream.configure(self.epoch, self.history, self.batches_done).plan()
-            if self.batches_done < plan.steps:
-                yield from self._segment()
-            self.epoch, self.history, self.batches_done = self.epoch + 1, [], 0
+            steps = self.stream.configure(self.epoch, self.history, self.batches_done).plan().steps
+            if self.batches_done >= steps:  # a state saved at the very end of an epoch
+                self._next_epoch()
+                continue
+            for batch in self._segment():
+                if self.batches_done == steps:  # advance before yielding: state_dict is at the next epoch
+                    self._next_epoch()
+                yield batch
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.history, self.batches_done = self.epoch + 1, [], 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.batches():
