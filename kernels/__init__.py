@@ -13,8 +13,8 @@ from vitscale.kernels.selection import preferred_backend
 
 
 def flash_attention(q, k, v, scale=None):
-    """softmax(q k^T * scale) v with vitscale's fused Triton kernel; see kernels/flash_attention.py."""
-    from vitscale.kernels.flash_attention import flash_attention as fused
+    """softmax(q k^T * scale) v with vitscale's fused Triton kernel; see kernels/triton_attention.py."""
+    from vitscale.kernels.triton_attention import flash_attention as fused
 
     return fused(q, k, v, scale=scale)
 

@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import vitscale.kernels.flash_attention as fa  # noqa: E402
+import vitscale.kernels.triton_attention as fa  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not fa.INTERPRETING:
