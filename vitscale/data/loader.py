@@ -172,6 +172,8 @@ class ReaderRun:
         position = self.reader.start + slot
         sample_id, is_pad = self.plan.sample_at(position)
         seed = sample_seed(self.spec.seed, self.plan.epoch, sample_id, position if is_pad else -1)
+        if is_pad and not isinstance(item, dict):  # counted at its real position in the epoch
+            return ("refill", seed)
         if isinstance(item, ShardProblem):
             key = item.key or f"#{sample_id - int(self.shard_starts[self._shard_of(sample_id)])}"
             return self.skip(item.reason, item.shard, key, item.detail, seed)
@@ -179,6 +181,8 @@ class ReaderRun:
             target = decode_target(item, self.spec.labels)
             image = self.spec.augment(image_bytes(item), seed)
         except SampleError as error:
+            if is_pad:
+                return ("refill", seed)
             return self.skip(error.reason, item["__shard__"], item["__key__"], error.detail, seed)
         self.last_good = (item, target)
         return image, target, not is_pad, item["__key__"]
