@@ -93,6 +93,8 @@ class EngineConfig:
     # watchdog dumps every thread's stack and exits (code 4) when no step finishes for this long.
     collective_timeout_seconds: float = 1800.0
     watchdog_seconds: float = 3600.0
+    # Dense peak FLOP/s of one accelerator for MFU; null looks the device up (vitscale/bench/peaks.py).
+    peak_flops: float | None = None
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -70,6 +70,8 @@ def deepspeed_config(config: Any, world_size: int, ds_json: dict[str, Any] | Non
     and every explicit tree-owned value checked against `config` (a validated Config)."""
     engine = config.engine
     ds = copy.deepcopy(ds_json) if ds_json is not None else {}
+    for key in [key for key in ds if key.startswith("//")]:
+        del ds[key]  # comment entries (JSON has no comments): the command that uses the file
     for section in TREE_OWNED_SECTIONS:
         if section in ds:
             raise ConfigError("engine.ds_config", f"the DeepSpeed JSON has an {section!r} section",

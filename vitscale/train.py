@@ -1,0 +1,689 @@
+"""The main job: WebDataset shards -> ViT -> DeepSpeed ZeRO, with checkpoints, evaluation and faults.
+
+    deepspeed vitscale/train.py --ds_config configs/zero2.json --config configs/vit_b16_i21k.yaml
+    torchrun --nproc_per_node 8 vitscale/train.py --ds_config configs/zero2.json --config ... KEY=VALUE
+    vitscale train --config configs/vit_b16_i21k_tiny.yaml data.train_shards=DIR   (one process)
+
+Everything a user can get wrong (config, DeepSpeed JSON, batch sizes, shards, the checkpoint to
+resume) is checked in `prepare` before any process group starts. The loop is in small pieces:
+build_model, build_dataloader, build_engine, train_step, evaluate, save_checkpoint,
+load_checkpoint. Exit codes: see vitscale/engine/faults.py (0 done, 2 bad input, 3 too many
+non-finite steps, 4 hang, 5 final checkpoint failed, 75 stopped on a signal after saving).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a script, vitscale/ itself is first on sys.path and vitscale/data, vitscale/config.py
+    # ... would shadow top-level modules of the same name.
+    sys.path.pop(0)
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitscale.config import Config, add_config_arguments, load_config, save_config
+from vitscale.engine import checkpoint as ckpt
+from vitscale.engine import faults
+from vitscale.engine.ds_config import deepspeed_config, read_ds_json, resolve_zero_stage
+from vitscale.engine.objectives import build_objective
+from vitscale.engine.optim import build_optimizer, learning_rate, set_learning_rate
+from vitscale.errors import CheckpointError, ConfigError, DataError, VitscaleError
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and pre-flight checks (no process group yet).
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--ds_config", "--ds-config", dest="ds_config",
+                        help="DeepSpeed JSON (configs/zero1.json, zero2.json, zero3.json, zero2_offload.json)")
+    # Passed by the deepspeed launcher; LOCAL_RANK from the environment is what is used.
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits, from the launcher's environment (torchrun, deepspeed, srun)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    job_id: str
+
+    @staticmethod
+    def from_environment(local_rank_arg: int | None = None) -> "Launch":
+        env = os.environ
+        if "RANK" not in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+            # srun started the ranks directly (no torchrun): translate Slurm's variables.
+            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_NTASKS", "1")
+            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+        return Launch(rank=int(env.get("RANK", "0")), local_rank=local, world_size=int(env.get("WORLD_SIZE", "1")),
+                      job_id=env.get("SLURM_JOB_ID", ""))
+
+
+@dataclass
+class Prepared:
+    config: Config
+    ds_config: dict[str, Any]
+    launch: Launch
+    resume_from: Path | None
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Load and check everything; raises VitscaleError before any process group exists."""
+    launch = Launch.from_environment(getattr(args, "local_rank", None))
+    overrides = list(args.overrides or [])
+    if args.ds_config:
+        overrides.append(f"engine.ds_config={args.ds_config}")
+    config = load_config(args.config, overrides)
+    ds_json = read_ds_json(config.engine.ds_config) if config.engine.ds_config else None
+    if ds_json is not None:
+        stage_override = any(item.lstrip("-").startswith("engine.zero_stage=") for item in args.overrides or [])
+        resolve_zero_stage(config, ds_json, stage_override)
+        config.validate()
+    ds = deepspeed_config(config, launch.world_size, ds_json)
+    check_shards(config)
+    return Prepared(config, ds, launch, find_resume_checkpoint(config))
+
+
+def check_shards(config: Config) -> None:
+    """Every local shard the config names must exist (pipe: URLs are checked when read)."""
+    from vitscale.data.shards import expand_shards
+
+    for key in ("train_shards", "eval_shards"):
+        spec = getattr(config.data, key)
+        if key == "eval_shards" and not spec.strip():
+            continue
+        urls = expand_shards(spec, allow_shell=config.data.allow_shell, key=f"data.{key}")
+        missing = [url for url in urls if not url.startswith("pipe:") and not Path(url).is_file()]
+        if missing:
+            raise ConfigError(f"data.{key}", f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})",
+                              "fix the path or pattern; `vitscale shards write` makes shards")
+
+
+def find_resume_checkpoint(config: Config) -> Path | None:
+    mode, run_dir = config.engine.resume.strip(), config.run.directory
+    if mode == "auto":
+        return ckpt.latest_complete(run_dir)
+    if mode == "never":
+        if ckpt.latest_complete(run_dir) is not None:
+            raise ConfigError("engine.resume", f"is never but {run_dir} already holds checkpoints",
+                              "use another run.name, or engine.resume=auto to continue that run")
+        return None
+    return ckpt.resolve_checkpoint(mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def init_distributed(config: Config, launch: Launch) -> torch.device:
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    accelerator = get_accelerator()
+    on_cpu = accelerator.device_name() == "cpu"
+    if on_cpu:
+        # DeepSpeed's shared-memory all-reduce serves inference only; skipping it saves a JIT
+        # compile at start-up and keeps every collective under gloo's timeout.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        accelerator.set_device(launch.local_rank)
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accelerator.communication_backend_name(),
+                               timeout=timedelta(seconds=config.engine.collective_timeout_seconds),
+                               auto_mpi_discovery=False)
+    return torch.device(accelerator.current_device_name())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_model(config: Config, objective: Any) -> nn.Module:
+    """The ViT (fine-tuning: initialised from finetune.init_from), plus any parameters the
+    objective adds; identical on every rank (same seed)."""
+    torch.manual_seed(config.run.seed)
+    finetune = getattr(config, "finetune", None)
+    if finetune is not None and finetune.init_from:
+        from vitscale.research.finetune import build_finetune_model
+
+        model = build_finetune_model(config)
+    else:
+        from vitscale.model import build_model as build_vit
+
+        model = build_vit(config.model)
+    if hasattr(objective, "attach"):
+        objective.attach(model)
+    model.checkpoint_blocks = config.engine.activation_checkpointing
+    return model
+
+
+def build_dataloader(config: Config, launch: Launch):
+    from vitscale.data import build_train_loader
+
+    return build_train_loader(config.data, micro_batch_size=config.engine.micro_batch_size,
+                              image_size=config.model.image_size, num_classes=config.model.num_classes,
+                              rank=launch.rank, world_size=launch.world_size, seed=config.run.seed,
+                              run_dir=config.run.directory)
+
+
+def build_engine(config: Config, model: nn.Module, ds: dict[str, Any]):
+    """DeepSpeed engine around the model and our optimizer; checkpoints written atomically and
+    read with weights_only."""
+    import deepspeed
+
+    optimizer = build_optimizer(config.optim, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    engine.checkpoint_engine = ckpt.build_checkpoint_engine(engine._config)
+    optimizer.nonfinite_check = _any_rank
+    if config.engine.compile:
+        engine.compile()
+    return engine, optimizer
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    faults.maybe_inject("collective")
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    return _all_reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class TrainerState:
+    step: int = 0                  # optimizer steps completed
+    consecutive_nonfinite: int = 0
+    nonfinite_total: int = 0
+    elapsed_seconds: float = 0.0   # training time over all attempts (resumes add up)
+
+
+@dataclass
+class Trainer:
+    config: Config
+    launch: Launch
+    device: torch.device
+    engine: Any
+    optimizer: Any
+    objective: Any
+    loader: Any
+    metrics: Any
+    stops: faults.StopRequests
+    watchdog: faults.Watchdog
+    state: TrainerState = field(default_factory=TrainerState)
+    batches: Iterator | None = None
+    log_file: Any = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run.directory
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+    @property
+    def accumulation(self) -> int:
+        engine = self.config.engine
+        return engine.global_batch_size // (engine.micro_batch_size * self.launch.world_size)
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+
+@dataclass
+class StepResult:
+    loss: float            # mean over the global batch (every rank, every micro-batch)
+    skipped: bool
+    stop: int              # faults.STOP_* agreed by every rank
+    data_wait_seconds: float
+
+
+def input_dtype(config: Config) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision, torch.float32)
+
+
+def train_step(t: Trainer) -> StepResult:
+    """One optimizer step over `accumulation` micro-batches; every rank decides together whether
+    it is skipped (non-finite loss or gradient anywhere) and whether to stop afterwards."""
+    import torch.distributed as dist
+
+    engine, config = t.engine, t.config
+    set_learning_rate(engine.optimizer, learning_rate(t.state.step, config))
+    losses, data_wait = [], 0.0
+    for _ in range(t.accumulation):
+        started = time.perf_counter()
+        images, targets = next(t.batches)
+        data_wait += time.perf_counter() - started
+        images = images.to(t.device, dtype=input_dtype(config), non_blocking=True)
+        targets = targets.to(t.device, non_blocking=True)
+        loss = micro_batch_backward(t, images, targets)
+        losses.append(loss.detach().float())
+    step_loss = torch.stack(losses)
+    # The guard inside optimizer.step() skips the update on every rank if any rank saw a
+    # non-finite loss or holds a non-finite gradient (it all-reduces the flag).
+    t.optimizer.skip_next = not bool(torch.isfinite(step_loss).all())
+    t.optimizer.last_step_skipped = None
+    engine.step()
+    guard_result = t.optimizer.last_step_skipped
+    # None: DeepSpeed itself skipped the update (its overflow check), on every rank alike.
+    skipped = True if guard_result is None else guard_result
+    loss_sum, count, term, requeue = _all_reduce(
+        [float(step_loss.nan_to_num(0.0).sum()), float(len(losses)), float(t.stops.requested == faults.STOP_TERM),
+         float(t.stops.requested == faults.STOP_REQUEUE)], dist.ReduceOp.SUM)
+    stop = faults.STOP_REQUEUE if requeue else faults.STOP_TERM if term else faults.STOP_NONE
+    mean_loss = float("nan") if skipped else loss_sum / count
+    return StepResult(mean_loss, skipped, stop, data_wait)
+
+
+def micro_batch_backward(t: Trainer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    config, engine = t.config, t.engine
+    if config.optim.name in ("sam", "gsam"):
+        from vitscale.research.sam import settings_from_config, sharpness_aware_backward
+
+        settings = settings_from_config(config)
+        lr = engine.optimizer.param_groups[0]["lr"]
+        holder: dict[str, torch.Tensor] = {}
+
+        def loss_fn() -> torch.Tensor:
+            holder["loss"] = t.objective.loss(engine, images, targets)[0]
+            return holder["loss"]
+
+        sharpness_aware_backward(loss_fn, list(engine.module.parameters()), engine.backward,
+                                 rho=settings.rho(lr), alpha=settings.alpha)
+        return holder["loss"]
+    loss, _ = t.objective.loss(engine, images, targets)
+    if faults.maybe_inject("loss") == "nan_loss":
+        loss = loss * float("nan")
+    engine.backward(loss)
+    return loss
+
+
+def train(t: Trainer) -> int:
+    """Steps until run.steps, a stop request, or too many non-finite steps. Returns the exit code."""
+    config, state = t.config, t.state
+    total = config.run.steps
+    images_per_step = config.engine.global_batch_size
+    t.batches = iter(t.loader)
+    window_started, window_steps = time.perf_counter(), 0
+    while state.step < total:
+        faults.set_context(step=state.step + 1)
+        faults.maybe_inject("step_start")
+        started = time.perf_counter()
+        result = train_step(t)
+        step_seconds = time.perf_counter() - started
+        state.step += 1
+        state.elapsed_seconds += step_seconds
+        t.watchdog.beat()
+        window_steps += 1
+        if result.skipped:
+            code = record_nonfinite(t)
+            if code is not None:
+                return code
+        else:
+            state.consecutive_nonfinite = 0
+        record_step(t, result, step_seconds, images_per_step)
+        if state.step % config.run.log_every == 0 or state.step == total:
+            rate = images_per_step * window_steps / max(time.perf_counter() - window_started, 1e-9)
+            log_progress(t, result, rate)
+            window_started, window_steps = time.perf_counter(), 0
+        if config.engine.eval_every and state.step % config.engine.eval_every == 0 and state.step < total:
+            run_evaluation(t)
+        if result.stop:
+            return stop_on_request(t, result.stop)
+        if config.engine.checkpoint_every and state.step % config.engine.checkpoint_every == 0 \
+                and state.step < total:
+            save_checkpoint(t)
+    if config.data.eval_shards:
+        run_evaluation(t)
+    return faults.EXIT_OK if save_checkpoint(t) else faults.EXIT_CHECKPOINT_FAILED
+
+
+def record_nonfinite(t: Trainer) -> int | None:
+    state, limit = t.state, t.config.engine.max_consecutive_nonfinite
+    state.consecutive_nonfinite += 1
+    state.nonfinite_total += 1
+    t.metrics.record_nan_skip()
+    t.say(f"step {state.step}: non-finite loss or gradient on some rank; every rank skipped the update "
+          f"({state.consecutive_nonfinite} in a row, {state.nonfinite_total} in total)")
+    t.log({"step": state.step, "nonfinite_skip": True, "nonfinite_total": state.nonfinite_total})
+    if state.consecutive_nonfinite >= limit:
+        t.say(f"stopping: {limit} consecutive non-finite steps (engine.max_consecutive_nonfinite); the latest "
+              f"complete checkpoint is {ckpt.latest_complete(t.run_dir)}; lower optim.lr or check the data")
+        return faults.EXIT_NONFINITE
+    return None
+
+
+def record_step(t: Trainer, result: StepResult, step_seconds: float, images_per_step: int) -> None:
+    from vitscale.model.flops import tokens_per_image
+
+    world = t.launch.world_size
+    images = images_per_step // world
+    tokens = images * tokens_per_image(t.config.model)
+    loss = result.loss if not result.skipped else float("nan")
+    t.metrics.record_step(t.state.step, loss, learning_rate(t.state.step - 1, t.config), _grad_norm(t), images,
+                          tokens, step_seconds, result.data_wait_seconds, _mfu(t, images / max(step_seconds, 1e-9)))
+    if t.state.step % t.config.run.log_every == 0:
+        gather_rank_times(t, step_seconds, result.data_wait_seconds)
+        t.metrics.record_skipped_samples(t.loader.skipped_samples())
+
+
+def gather_rank_times(t: Trainer, step_seconds: float, data_wait: float) -> None:
+    import torch.distributed as dist
+
+    mine = torch.tensor([step_seconds, data_wait], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(t.launch.world_size)]
+    dist.all_gather(every, mine)
+    if t.is_main:
+        t.metrics.record_rank_times([float(x[0]) for x in every], [float(x[1]) for x in every])
+
+
+def _grad_norm(t: Trainer) -> float:
+    norm = t.engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _mfu(t: Trainer, images_per_second_per_rank: float) -> float | None:
+    from vitscale.bench.peaks import peak_flops
+    from vitscale.model.flops import training_flops_per_image
+
+    peak = peak_flops(t.device, t.config.engine.precision, t.config.engine.peak_flops)
+    if not peak:
+        return None
+    return training_flops_per_image(t.config.model) * images_per_second_per_rank / peak
+
+
+def log_progress(t: Trainer, result: StepResult, images_per_second: float) -> None:
+    from vitscale.model.flops import tokens_per_image
+
+    state, total = t.state, t.config.run.steps
+    seconds_left = (total - state.step) * t.config.engine.global_batch_size / max(images_per_second, 1e-9)
+    mfu = _mfu(t, images_per_second / t.launch.world_size)
+    lr = learning_rate(state.step - 1, t.config)
+    t.log({"step": state.step, "loss": None if result.skipped else result.loss, "lr": lr,
+           "grad_norm": None if result.skipped else _grad_norm(t), "images_per_second": images_per_second,
+           "tokens_per_second": images_per_second * tokens_per_image(t.config.model), "mfu": mfu,
+           "elapsed_seconds": state.elapsed_seconds, "nonfinite_total": state.nonfinite_total})
+    t.say(f"step {state.step}/{total} | loss {result.loss:.4f} | lr {lr:.2e} | {images_per_second:,.0f} images/s"
+          f"{f' | MFU {mfu:.1%}' if mfu is not None else ''} | ETA {timedelta(seconds=round(seconds_left))}")
+
+
+def stop_on_request(t: Trainer, stop: int) -> int:
+    what = "SIGUSR1 (pre-emption warning)" if stop == faults.STOP_REQUEUE else "SIGTERM"
+    t.say(f"step {t.state.step}: {what} received by some rank; every rank saves this step and exits")
+    saved = save_checkpoint(t)
+    if stop == faults.STOP_REQUEUE and t.is_main and saved:
+        faults.requeue_slurm_job()
+    return faults.EXIT_STOPPED if saved else faults.EXIT_CHECKPOINT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def run_evaluation(t: Trainer) -> dict[str, float]:
+    if not t.config.data.eval_shards or t.config.run.objective != "classification":
+        return {}
+    values = evaluate(t.engine, t.config, t.launch, t.device, t.watchdog.beat)
+    t.metrics.record_eval(values)
+    t.log({"step": t.state.step, "eval": values})
+    t.say(f"step {t.state.step}: eval " + ", ".join(f"{k} {v:.4f}" if k != "samples" else f"{k} {v:.0f}"
+                                                    for k, v in values.items()))
+    return values
+
+
+def evaluate(model: nn.Module, config: Config, launch: Launch, device: torch.device, beat=lambda: None
+             ) -> dict[str, float]:
+    """One pass over data.eval_shards: top-1 (multi-label: precision@1, the top class is one of
+    the image's labels) and the loss, summed over every rank's valid images (padding excluded)."""
+    import torch.distributed as dist
+
+    from vitscale.data import build_eval_loader
+
+    loader = build_eval_loader(config.data, micro_batch_size=config.engine.micro_batch_size,
+                               image_size=config.model.image_size, num_classes=config.model.num_classes,
+                               rank=launch.rank, world_size=launch.world_size)
+    totals = torch.zeros(3, dtype=torch.float64)  # correct, images, loss sum
+    model.eval()
+    with torch.no_grad():
+        for images, targets, valid in loader:
+            beat()
+            logits = model(images.to(device, dtype=input_dtype(config))).float().cpu()  # (B, K)
+            totals += eval_counts(logits, targets, valid, config.data.multi_label)
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    correct, count, loss_sum = totals.tolist()
+    if count == 0:
+        raise DataError(f"data.eval_shards={config.data.eval_shards!r} yielded no images to evaluate")
+    name = "prec@1" if config.data.multi_label else "top1"
+    return {name: correct / count, "loss": loss_sum / count, "samples": count}
+
+
+def eval_counts(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """(correct, valid images, loss sum) for one batch; padded entries (valid False) count nothing."""
+    valid = valid.bool()
+    predicted = logits.argmax(dim=-1)
+    if multi_label:
+        hit = targets.gather(1, predicted[:, None]).squeeze(1) > 0.5
+        loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").sum(-1)
+    else:
+        hit = predicted == targets
+        loss = F.cross_entropy(logits, targets, reduction="none")
+    return torch.tensor([(hit & valid).sum().item(), valid.sum().item(), loss[valid].sum().item()],
+                        dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def save_checkpoint(t: Trainer) -> bool:
+    """Every rank writes its part; COMPLETE is written only after every rank reported success.
+    A failure (full disk, ...) is reported and leaves the previous complete checkpoint in place."""
+    import torch.distributed as dist
+
+    path = ckpt.checkpoint_dir(t.run_dir, t.state.step)
+    if ckpt.is_complete(path):
+        return True  # resumed at this very step: it is already saved
+    started = time.perf_counter()
+    t.watchdog.beat()
+    if t.is_main and path.exists():
+        shutil.rmtree(path)  # left by an interrupted attempt at this step
+    dist.barrier()
+    failure = write_checkpoint_files(t, path)
+    ok = _all_reduce([0.0 if failure else 1.0], dist.ReduceOp.MIN)[0] > 0
+    if failure:
+        print(f"vitscale: rank {t.launch.rank}: checkpoint {path} failed: {failure}", file=sys.stderr, flush=True)
+    if t.is_main:
+        if ok:
+            ckpt.mark_complete(path, {"step": t.state.step, "world_size": t.launch.world_size})
+            ckpt.apply_retention(t.run_dir, t.config.engine.keep_last)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    t.watchdog.beat()
+    seconds = time.perf_counter() - started
+    t.metrics.record_checkpoint(seconds, ok)
+    t.log({"step": t.state.step, "checkpoint": str(path) if ok else None, "checkpoint_ok": ok,
+           "checkpoint_seconds": seconds})
+    if ok:
+        t.say(f"step {t.state.step}: saved {path} in {seconds:.1f} s")
+    else:
+        t.say(f"step {t.state.step}: checkpoint FAILED (see the rank errors above); the latest complete "
+              f"checkpoint is still {ckpt.latest_complete(t.run_dir)}")
+    return ok
+
+
+def write_checkpoint_files(t: Trainer, path: Path) -> str | None:
+    """This rank's files; returns the first failure as text instead of raising, so every rank
+    reaches the same collectives."""
+    engine_io = t.engine.checkpoint_engine
+    engine_io.failure = None
+    t.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={}, save_latest=False)
+    if engine_io.failure:
+        return engine_io.failure
+    try:
+        ckpt.torch_save_atomic({"rng": ckpt.rng_state(), "loader": t.loader.state_dict(), "step": t.state.step,
+                                "rank": t.launch.rank}, ckpt.rank_state_path(path, t.launch.rank))
+        if t.is_main:
+            ckpt.write_json(path / "trainer.json", {**t.state.__dict__, "world_size": t.launch.world_size})
+            save_config(t.config, path / "config.yaml")
+    except OSError as error:
+        return f"{error.strerror or error}"
+    return None
+
+
+def load_checkpoint(t: Trainer, path: Path) -> None:
+    """Engine (weights, optimizer, ZeRO partitions), data position, RNG states and counters."""
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}/trainer.json is unreadable ({error}); pick another checkpoint") from None
+    if trainer.get("world_size") != t.launch.world_size:
+        raise CheckpointError(f"{path} was written by {trainer.get('world_size')} ranks, this job has "
+                              f"{t.launch.world_size}; resume with the same world size, or export it "
+                              "(`vitscale export`) and start a new run from the weights")
+    loaded, _ = t.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed found no engine state in {path}")
+    rank_state = ckpt.safe_torch_load(ckpt.rank_state_path(path, t.launch.rank))
+    t.loader.load_state_dict(rank_state["loader"])
+    ckpt.set_rng_state(rank_state["rng"])
+    t.state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
+    t.say(f"resumed from {path} at step {t.state.step}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
+    """Process group up, train, and always tear down (metrics flushed, group destroyed)."""
+    import torch.distributed as dist
+
+    config, launch = prepared.config, prepared.launch
+    faults.set_context(rank=launch.rank)
+    stops = faults.StopRequests().install()
+    watchdog = faults.Watchdog(config.engine.watchdog_seconds, launch.rank).start()
+    metrics, trainer, code = None, None, faults.EXIT_FAILED
+    try:
+        device = init_distributed(config, launch)
+        if launch.rank == 0:
+            config.run.directory.mkdir(parents=True, exist_ok=True)
+            save_config(config, config.run.directory / "config.yaml")
+        objective = build_objective(config)
+        model = build_model(config, objective)
+        engine, optimizer = build_engine(config, model, prepared.ds_config)
+        torch.manual_seed(config.run.seed * 1000 + 1 + launch.rank)  # dropout etc. differ per rank
+        loader = build_loader(config, launch)
+        from vitscale.metrics import TrainingMetrics
+
+        metrics = TrainingMetrics(config.metrics, rank=launch.rank, local_rank=launch.local_rank,
+                                  world_size=launch.world_size, job_id=launch.job_id, model_name=config.model.name,
+                                  run_dir=config.run.directory)
+        trainer = Trainer(config, launch, device, engine, optimizer, objective, loader, metrics, stops, watchdog)
+        if launch.rank == 0:
+            trainer.log_file = open(config.run.directory / "log.jsonl", "a")
+        if prepared.resume_from is not None:
+            load_checkpoint(trainer, prepared.resume_from)
+        watchdog.beat()
+        code = train(trainer)
+        trainer.say(f"done: {faults.describe_exit(code)} at step {trainer.state.step}")
+    except VitscaleError as error:
+        _print_error(error, launch)
+        code = error.exit_code
+    except RuntimeError as error:
+        if not _is_collective_timeout(error):
+            raise
+        print(f"vitscale: rank {launch.rank}: a collective timed out after "
+              f"{config.engine.collective_timeout_seconds:g} s (engine.collective_timeout_seconds): another rank "
+              f"hung or died ({str(error).splitlines()[0][:200]})", file=sys.stderr, flush=True)
+        code = faults.EXIT_HUNG
+    finally:
+        watchdog.stop()
+        if metrics is not None:
+            metrics.close()
+        if trainer is not None and trainer.log_file is not None:
+            trainer.log_file.close()
+        if code == faults.EXIT_HUNG:
+            os._exit(code)  # a peer may be gone: destroying the group could block on it
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+def _is_collective_timeout(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text or "connection closed by peer" in text \
+        or "connection reset" in text
+
+
+def _print_error(error: VitscaleError, launch: Launch) -> None:
+    # One line per node is enough: the same config fails identically on every rank.
+    if launch.local_rank == 0:
+        print(f"vitscale train: error: {error}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`vitscale train` and the script entry point."""
+    launch = Launch.from_environment(getattr(args, "local_rank", None))
+    try:
+        prepared = prepare(args)
+    except VitscaleError as error:
+        _print_error(error, launch)
+        return error.exit_code
+    return main_job(prepared)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitscale/train.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
