@@ -147,7 +147,7 @@ class Augment:
         """Encoded image -> (3, image_size, image_size) uint8; seed fixes every random choice."""
         image = open_image(data, self.max_pixels)
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA (slow)
             box = self._crop_box(image.size)
             image = self._decode_crop_resize(image, box)
             if self.train and self.hflip and torch.rand(()) < 0.5:

@@ -1,0 +1,199 @@
+"""`vitscale shards write|check|plan` logic: sources -> shards, full verification, reader plan."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from vitscale.data import plan as planning
+from vitscale.data.decode import IMAGE_EXTENSIONS, LabelSpec, SampleError, decode_image, decode_target, image_bytes
+from vitscale.data.shards import INDEX_NAME, expand_shards, iter_shard, shard_name, shard_sample_counts, write_index
+from vitscale.data.writer import write_shards
+from vitscale.errors import DataError
+
+# ---------------------------------------------------------------------------------------------
+# write: an image folder with class sub-folders, or a CSV / JSONL manifest of path + label(s).
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    path: str
+    labels: tuple  # class ids (int) or names (str)
+    key: str
+
+
+def folder_items(root: Path) -> tuple[list[SourceItem], list[str]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders (expected ROOT/CLASS/IMAGE.jpg)")
+    items = []
+    for class_id, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and path.is_file():
+                items.append(SourceItem(str(path), (class_id,), sample_key(path.relative_to(root))))
+    return items, classes
+
+
+def manifest_items(manifest: Path) -> list[SourceItem]:
+    """CSV with columns path,label (labels separated by ';') or JSONL {"path", "label"|"labels"}."""
+    rows = _manifest_rows(manifest)
+    items = []
+    for line, row in enumerate(rows, start=2 if manifest.suffix == ".csv" else 1):
+        path = row.get("path")
+        raw = row.get("labels", row.get("label"))
+        if not path or raw is None or raw == "":
+            raise DataError(f"{manifest} line {line}: needs a path and a label (columns path,label)")
+        labels = raw if isinstance(raw, list) else str(raw).split(";") if isinstance(raw, str) else [raw]
+        path = path if os.path.isabs(path) else str(manifest.parent / path)
+        items.append(SourceItem(path, tuple(_label_value(v) for v in labels), sample_key(Path(row["path"]))))
+    return items
+
+
+def _manifest_rows(manifest: Path) -> list[dict]:
+    if not manifest.is_file():
+        raise DataError(f"manifest {manifest} not found")
+    if manifest.suffix == ".csv":
+        with manifest.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    if manifest.suffix in (".jsonl", ".json"):
+        try:
+            return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        except ValueError as error:
+            raise DataError(f"{manifest}: not JSON lines ({error})") from None
+    raise DataError(f"manifest {manifest} must be .csv or .jsonl")
+
+
+def _label_value(value):
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def sample_key(relative: Path) -> str:
+    """WebDataset keys end at the first dot of the file name: keep dots and slashes out."""
+    return str(relative.with_suffix("")).replace(os.sep, "__").replace(".", "_")
+
+
+def _load_record(args: tuple[SourceItem, bool, dict | None]) -> dict:
+    item, multi_label, class_map = args
+    try:
+        data = Path(item.path).read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {item.path}: {error}") from None
+    decode_image(data)  # refuse unreadable images now, not during training
+    ext = Path(item.path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
+    ids = [class_map[v] if isinstance(v, str) and class_map is not None else v for v in item.labels]
+    if any(isinstance(i, str) for i in ids):
+        raise DataError(f"{item.path}: label {ids} is a name; pass --class-map or use integer ids")
+    if multi_label:
+        return {"__key__": item.key, ext: data, "json": json.dumps(ids).encode()}
+    if len(ids) != 1:
+        raise DataError(f"{item.path} has {len(ids)} labels; use --multi-label for several labels per image")
+    return {"__key__": item.key, ext: data, "cls": str(ids[0]).encode()}
+
+
+def write_from_source(source: Path, out_dir: Path, *, prefix: str, max_count: int, max_bytes: int | None,
+                      multi_label: bool, workers: int, class_map: dict | None = None) -> tuple[str, int]:
+    if source.is_dir():
+        items, classes = folder_items(source)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
+    else:
+        items = manifest_items(source)
+    keys = collections.Counter(item.key for item in items)
+    duplicates = [k for k, n in keys.items() if n > 1]
+    if duplicates:
+        raise DataError(f"duplicate sample keys, e.g. {duplicates[0]!r}: give the files distinct names")
+    jobs = [(item, multi_label, class_map) for item in items]
+    with ProcessPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="writing", unit="img") as bar:
+        records = pool.map(_load_record, jobs, chunksize=16)  # ordered: deterministic shards
+        pattern, _ = write_shards(records, out_dir, prefix=prefix, max_count=max_count, max_bytes=max_bytes,
+                                  progress=bar)
+    return pattern, len(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# check: count, decode every image, validate every label.
+
+
+@dataclass
+class ShardReport:
+    url: str
+    samples: int = 0
+    bytes: int = 0
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (key, reason, detail)
+    keys: list[str] = field(default_factory=list)
+
+
+def check_shard(args: tuple[str, LabelSpec | None]) -> ShardReport:
+    url, labels = args
+    report = ShardReport(url, bytes=os.path.getsize(url) if os.path.exists(url) else 0)
+    for item in iter_shard(url):
+        if not isinstance(item, dict):
+            report.problems.append((item.key, item.reason, item.detail))
+            report.samples += bool(item.key)
+            continue
+        report.samples += 1
+        report.keys.append(item["__key__"])
+        try:
+            decode_image(image_bytes(item))
+            _check_label(item, labels)
+        except SampleError as error:
+            report.problems.append((item["__key__"], error.reason, error.detail))
+    return report
+
+
+def _check_label(item: dict, labels: LabelSpec | None) -> None:
+    if labels is not None:
+        decode_target(item, labels)
+        return
+    if "cls" not in item and "json" not in item:
+        raise SampleError("missing_label", "no .cls or .json member")
+
+
+def check_shards(spec: str, *, labels: LabelSpec | None, workers: int, allow_shell: bool = False) -> list[ShardReport]:
+    urls = expand_shards(spec, allow_shell=allow_shell, key="SHARDS")
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        reports = list(tqdm(pool.map(check_shard, [(u, labels) for u in urls]), total=len(urls), desc="checking",
+                            unit="shard"))
+    seen: dict[str, str] = {}
+    for report in reports:
+        for key in report.keys:
+            if key in seen:
+                report.problems.append((key, "duplicate_key", f"also in {shard_name(seen[key])}"))
+            seen[key] = report.url
+    return reports
+
+
+def write_check_index(reports: list[ShardReport], path: Path) -> Path:
+    entries = {shard_name(r.url): {"samples": r.samples, "bytes": r.bytes, "problems": len(r.problems)}
+               for r in reports}
+    return write_index(path, entries, {"checked": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# plan: who reads what, before a job starts.
+
+
+def describe_plan(spec: str, *, index: str, world_size: int, workers: int, micro_batch: int,
+                  allow_shell: bool) -> dict:
+    urls = expand_shards(spec, allow_shell=allow_shell)
+    counts = shard_sample_counts(urls, index)
+    topology = planning.Topology(world_size, max(1, workers), micro_batch)
+    total = sum(counts)
+    steps = planning.steps_for(total, topology)
+    readers = world_size * topology.workers
+    return {"shards": len(urls), "samples_per_epoch": total, "ranks": world_size, "workers_per_rank": topology.workers,
+            "readers": readers, "steps_per_epoch": steps, "padding_samples": steps * world_size * micro_batch - total,
+            "samples_per_reader": [r.length for r in planning.readers(steps, topology, 0)],
+            "shards_per_reader": len(urls) / readers, "shared_shards": len(urls) < readers,
+            "missing_or_empty_shards": [shard_name(u) for u, c in zip(urls, counts)
+                                        if c == 0 or not (u.startswith("pipe:") or os.path.exists(u))],
+            "index": INDEX_NAME}
