@@ -99,7 +99,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         config.validate()
     ds = deepspeed_config(config, launch.world_size, ds_json)
     check_shards(config)
-    return Prepared(config, ds, launch, find_resume_checkpoint(config))
+    return Prepared(config, ds, launch, find_resume_checkpoint(config, launch.world_size))
 
 
 def check_shards(config: Config) -> None:
@@ -117,16 +117,29 @@ def check_shards(config: Config) -> None:
                               "fix the path or pattern; `vitscale shards write` makes shards")
 
 
-def find_resume_checkpoint(config: Config) -> Path | None:
+def find_resume_checkpoint(config: Config, world_size: int) -> Path | None:
     mode, run_dir = config.engine.resume.strip(), config.run.directory
-    if mode == "auto":
-        return ckpt.latest_complete(run_dir)
     if mode == "never":
         if ckpt.latest_complete(run_dir) is not None:
             raise ConfigError("engine.resume", f"is never but {run_dir} already holds checkpoints",
                               "use another run.name, or engine.resume=auto to continue that run")
         return None
-    return ckpt.resolve_checkpoint(mode)
+    path = ckpt.latest_complete(run_dir) if mode == "auto" else ckpt.resolve_checkpoint(mode)
+    if path is not None:
+        read_trainer_state(path, world_size)
+    return path
+
+
+def read_trainer_state(path: Path, world_size: int) -> dict[str, Any]:
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}/trainer.json is unreadable ({error}); pick another checkpoint") from None
+    if trainer.get("world_size") != world_size:
+        raise CheckpointError(f"{path} was written by {trainer.get('world_size')} ranks, this job has "
+                              f"{world_size}; resume with the same world size, or export it "
+                              "(`vitscale export`) and start a new run from the weights")
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +154,7 @@ def init_distributed(config: Config, launch: Launch) -> torch.device:
     if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    quiet_library_logs()
     accelerator = get_accelerator()
     on_cpu = accelerator.device_name() == "cpu"
     if on_cpu:
@@ -153,6 +167,20 @@ def init_distributed(config: Config, launch: Launch) -> torch.device:
                                timeout=timedelta(seconds=config.engine.collective_timeout_seconds),
                                auto_mpi_discovery=False)
     return torch.device(accelerator.current_device_name())
+
+
+def quiet_library_logs() -> None:
+    """DeepSpeed logs every internal step at INFO; the engine prints its own progress lines."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING)
+    # Our optimizers are torch's AdamW / SGD (plus a skip guard), which ZeRO partitions like any other.
+    deepspeed_logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
 
 
 def _free_port() -> int:
@@ -326,7 +354,9 @@ def micro_batch_backward(t: Trainer, images: torch.Tensor, targets: torch.Tensor
         holder: dict[str, torch.Tensor] = {}
 
         def loss_fn() -> torch.Tensor:
-            holder["loss"] = t.objective.loss(engine, images, targets)[0]
+            # The bare module: an engine forward arms DeepSpeed's gradient reduction, which must
+            # run only for the final backward of the SAM/GSAM direction (sharpness_aware_backward).
+            holder["loss"] = t.objective.loss(engine.module, images, targets)[0]
             return holder["loss"]
 
         sharpness_aware_backward(loss_fn, list(engine.module.parameters()), engine.backward,
@@ -578,14 +608,7 @@ def write_checkpoint_files(t: Trainer, path: Path) -> str | None:
 
 def load_checkpoint(t: Trainer, path: Path) -> None:
     """Engine (weights, optimizer, ZeRO partitions), data position, RNG states and counters."""
-    try:
-        trainer = json.loads((path / "trainer.json").read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}/trainer.json is unreadable ({error}); pick another checkpoint") from None
-    if trainer.get("world_size") != t.launch.world_size:
-        raise CheckpointError(f"{path} was written by {trainer.get('world_size')} ranks, this job has "
-                              f"{t.launch.world_size}; resume with the same world size, or export it "
-                              "(`vitscale export`) and start a new run from the weights")
+    trainer = read_trainer_state(path, t.launch.world_size)
     loaded, _ = t.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
     if loaded is None:
