@@ -1,0 +1,210 @@
+"""Few-shot linear evaluation (and top-1) on the demo data: the solver against scikit-learn and
+brute force, a briefly trained model far above chance and far above a random one, a
+label-shuffled control at chance, and the same numbers through shards and `vitscale eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vitscale.cli import main as vitscale_main
+from vitscale.config import Config
+from vitscale.data import DataConfig
+from vitscale.data.datasets import digits_arrays, digits_split, write_digits_shards
+from vitscale.errors import DataError
+from vitscale.evaluation import FewShotEvaluator, evaluate_top1, fewshot_accuracy, linear_fewshot_accuracy
+from vitscale.evaluation.fewshot import choose_l2_reg, ridge_solve, select_shots, with_bias
+from vitscale.model import ModelConfig, build_model
+from vitscale.model.weights import save_weights
+
+IMAGE_SIZE = 16
+CHANCE = 0.1  # ten digit classes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster single-threaded on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = digits_arrays(IMAGE_SIZE)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the loader's [-1, 1]
+    y = torch.from_numpy(labels)
+    train, held_out = digits_split(labels)
+    return (x[train], y[train]), (x[held_out], y[held_out])
+
+
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(name="Ti/4", image_size=IMAGE_SIZE, depth=1, width=32, mlp_dim=64, heads=4, num_classes=10,
+                       classifier="gap", attention_backend="sdpa")
+
+
+@pytest.fixture(scope="module")
+def models(digits):
+    """(random, trained): the same initialisation, before and after 200 Adam steps."""
+    (x, y), _ = digits
+    torch.manual_seed(0)
+    random_model = build_model(tiny_model_config()).eval()
+    trained = build_model(tiny_model_config())
+    trained.load_state_dict(random_model.state_dict())
+    optimizer = torch.optim.Adam(trained.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        batch = torch.randint(len(x), (64,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(trained(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return random_model, trained.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The solver.
+
+
+def test_ridge_matches_scikit_learn_and_loo_matches_refits():
+    from sklearn.linear_model import Ridge
+
+    generator = torch.Generator().manual_seed(0)
+    for n, d in ((30, 8), (12, 40)):  # primal and dual forms
+        x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        y = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+        reference = Ridge(alpha=0.7, fit_intercept=False, solver="cholesky").fit(x.numpy(), y.numpy()).coef_.T
+        assert torch.allclose(ridge_solve(x, y, 0.7), torch.from_numpy(reference), atol=1e-9)
+    # Leave-one-out selection: brute-force refits agree with the closed form.
+    x = with_bias(torch.randn(25, 6, generator=generator, dtype=torch.float64))
+    labels = torch.arange(25) % 5
+    y = 2.0 * torch.nn.functional.one_hot(labels, 5).double() - 1
+    grid = (0.01, 1.0, 100.0, 1e4)
+
+    def brute_force(l2):
+        hits = 0
+        for i in range(25):
+            rest = torch.arange(25) != i
+            hits += int((x[i] @ ridge_solve(x[rest], y[rest], l2)).argmax() == labels[i])
+        return hits / 25
+
+    accuracies = {l2: brute_force(l2) for l2 in grid}
+    best = max(accuracies.values())
+    assert choose_l2_reg(x, y, grid) == max(l2 for l2, a in accuracies.items() if a == best)
+
+
+def test_shot_selection_takes_the_first_k_per_class_and_refuses_too_few():
+    labels = torch.tensor([3, 1, 3, 1, 3, 2, 2])
+    features = torch.arange(7.0)[:, None]
+    chosen, chosen_labels = select_shots(features, labels, 2)
+    assert chosen.flatten().tolist() == [0, 1, 2, 3, 5, 6]
+    assert chosen_labels.tolist() == [3, 1, 3, 1, 2, 2]
+    with pytest.raises(DataError, match="class 1 has 2 training images, 3-shot needs 3"):
+        select_shots(features, labels, 3)
+    with pytest.raises(DataError, match="one integer class per image"):
+        select_shots(features, torch.zeros(7, 4), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models on the demo data.
+
+
+def test_trained_model_far_above_chance_and_random_model(digits, models):
+    train, held_out = digits
+    random_model, trained = models
+    shots = (1, 5, 10, 25)
+    trained_accuracy = fewshot_accuracy(trained, train, held_out, shots=shots)
+    random_accuracy = fewshot_accuracy(random_model, train, held_out, shots=shots)
+    print("\ntrained", trained_accuracy, "\nrandom", random_accuracy)
+    assert trained_accuracy["fewshot_5shot"] >= 0.7 and trained_accuracy["fewshot_25shot"] >= 0.8
+    # A random ViT is a random feature map: it keeps some pixel geometry, so it is above chance on
+    # digits, but far below the trained model at every k.
+    assert random_accuracy["fewshot_1shot"] <= 0.35 and random_accuracy["fewshot_5shot"] <= 0.6
+    for k in shots:
+        assert trained_accuracy[f"fewshot_{k}shot"] - random_accuracy[f"fewshot_{k}shot"] >= 0.25, k
+
+
+def test_shuffled_labels_give_chance(digits, models):
+    """Control: with the few-shot labels permuted, no information links features to classes,
+    so the evaluation of even the trained model must fall to chance."""
+    (x, y), held_out = digits
+    _, trained = models
+    accuracies = []
+    for seed in range(3):
+        permuted = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))]
+        accuracies.append(fewshot_accuracy(trained, (x, permuted), held_out, shots=(5,))["fewshot_5shot"])
+    assert abs(sum(accuracies) / len(accuracies) - CHANCE) <= 0.1
+
+
+def test_representations_are_frozen_and_mode_restored(digits, models):
+    train, held_out = digits
+    _, trained = models
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    trained.train()
+    fewshot_accuracy(trained, train, held_out, shots=(1,))
+    assert trained.training
+    trained.eval()
+    assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Through shards, the eval loader and the command line.
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_digits_shards(tmp_path_factory.mktemp("digits"), image_size=IMAGE_SIZE, samples_per_shard=400)
+
+
+def test_shards_and_cli_agree_with_arrays(tmp_path, digits, models, shards):
+    train_pattern, eval_pattern = shards
+    train, held_out = digits
+    _, trained = models
+    data = DataConfig(num_workers=0, pin_memory=False)
+    evaluator = FewShotEvaluator(data, train_shards=train_pattern, test_shards=eval_pattern, image_size=IMAGE_SIZE,
+                                 num_classes=10, shots=(1, 5), micro_batch_size=50)
+    from_shards = evaluator.evaluate(trained)
+    from_arrays = fewshot_accuracy(trained, train, held_out, shots=(1, 5))
+    for key, value in from_arrays.items():
+        assert abs(from_shards[key] - value) <= 0.02, (key, from_shards, from_arrays)
+
+    config = Config(model=tiny_model_config(), data=data).validate()
+    weights = save_weights(tmp_path / "digits.safetensors", trained.state_dict(), config)
+    out = tmp_path / "fewshot.json"
+    assert vitscale_main(["eval", "fewshot", str(weights), "--train-shards", train_pattern, "--test-shards",
+                          eval_pattern, "--shots", "1", "5", "--device", "cpu", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == pytest.approx(from_shards)
+
+    # Top-1 through the eval loader equals the plain computation on the arrays.
+    x, y = held_out
+    with torch.no_grad():
+        expected = (trained(x).argmax(1) == y).double().mean().item()
+    assert vitscale_main(["eval", "top1", str(weights), "--shards", eval_pattern, "--batch-size", "64",
+                          "--device", "cpu", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == len(y) and abs(result["top1"] - expected) <= 0.01
+
+
+def test_top1_ignores_padding_and_scores_multi_hot(models, digits):
+    _, trained = models
+    _, (x, y) = digits
+    x, y = x[:40], y[:40]
+    with torch.no_grad():
+        predicted = trained(x).argmax(1)
+    valid = torch.arange(40) < 30
+    result = evaluate_top1(trained, [(x, y, valid)])
+    assert result["images"] == 30
+    assert result["top1"] == pytest.approx((predicted[:30] == y[:30]).double().mean().item())
+    multi_hot = torch.zeros(40, 10)
+    multi_hot[torch.arange(40), y] = 1
+    multi_hot[torch.arange(40), (y + 1) % 10] = 1  # a second label per image
+    hits = (predicted == y) | (predicted == (y + 1) % 10)
+    assert evaluate_top1(trained, [(x, multi_hot)])["top1"] == pytest.approx(hits.double().mean().item())
+
+
+def test_eval_cli_errors_are_one_line(tmp_path, capsys):
+    assert vitscale_main(["eval", "top1", str(tmp_path / "missing.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err

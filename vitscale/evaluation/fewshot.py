@@ -1,0 +1,216 @@
+"""Few-shot linear evaluation, as in the ViT paper: freeze the model, take the representations of
+k images per class, solve a regularised least-squares regression to {-1, 1}^K targets in closed
+form, and report the accuracy of its argmax on held-out images.
+
+    accuracy = fewshot_accuracy(model, train_batches, test_batches, shots=(1, 5, 10, 25))
+    # {"fewshot_1shot": 0.41, "fewshot_5shot": 0.72, ...}
+
+`train_batches` / `test_batches` are an eval loader's batches `(images, labels, valid)` (e.g.
+`vitscale.data.build_eval_loader` over the training and held-out shards), any iterable of
+`(images, labels)`, or one `(images, labels)` pair of tensors. The first max(shots) images of
+each class in reading order are the few-shot training set, and k-shot uses the first k of them,
+so every evaluation during a run sees the same images. Features are standardised with the
+few-shot set's statistics and get a large constant bias column (so the bias is nearly
+unregularised), the regression is solved in float64, and with `l2_reg=None` the ridge
+coefficient is chosen from a grid by leave-one-out accuracy on the few-shot set itself (closed
+form), never by looking at the test images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import torch
+
+from vitscale.errors import DataError
+
+PAPER_SHOTS = (1, 5, 10, 25)
+L2_GRID = tuple(2.0 ** e for e in range(-6, 14, 2))
+BIAS_CONSTANT = 100.0  # the bias column's value: large, so its weight is barely regularised
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear algebra: features in, accuracy out.
+
+
+def linear_fewshot_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                            test_features: torch.Tensor, test_labels: torch.Tensor, *, shots: int,
+                            l2_reg: float | None = None) -> float:
+    """Accuracy on `test_*` of ridge regression to {-1, 1} targets fitted on the first `shots`
+    examples of each class in `train_*` (features (N, D), integer labels (N,))."""
+    x, y = select_shots(train_features, train_labels, shots)
+    classes = torch.unique(y)  # sorted; a class absent from training is never predicted
+    targets = 2.0 * (y[:, None] == classes[None, :]).double() - 1.0  # (n, K) in {-1, 1}
+    mean, std = x.double().mean(0, keepdim=True), x.double().std(0, unbiased=False, keepdim=True) + 1e-5
+    design = with_bias((x.double() - mean) / std)  # (n, D + 1)
+    test = with_bias((test_features.double() - mean) / std)
+    if l2_reg is None:
+        l2_reg = choose_l2_reg(design, targets)
+    weights = ridge_solve(design, targets, l2_reg)  # (D + 1, K)
+    predicted = classes[(test @ weights).argmax(dim=1)]
+    return (predicted == test_labels.to(predicted.device)).double().mean().item()
+
+
+def select_shots(features: torch.Tensor, labels: torch.Tensor, shots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `shots` rows of every class present, in their original order."""
+    labels = _integer_labels(labels)
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    for cls in torch.unique(labels):
+        members = torch.nonzero(labels == cls).flatten()
+        if len(members) < shots:
+            raise DataError(f"few-shot: class {int(cls)} has {len(members)} training images, {shots}-shot needs "
+                            f"{shots}; lower the shots or read more training images")
+        keep[members[:shots]] = True
+    return features[keep], labels[keep]
+
+
+def with_bias(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_full((x.shape[0], 1), BIAS_CONSTANT)], dim=1)
+
+
+def ridge_solve(x: torch.Tensor, y: torch.Tensor, l2_reg: float) -> torch.Tensor:
+    """argmin_w |x w - y|^2 + l2_reg |w|^2 = (x^T x + l2_reg I)^-1 x^T y, in the cheaper of the
+    primal (D x D) or dual (n x n) form: few-shot sets are often smaller than the width."""
+    n, d = x.shape
+    if n < d:
+        return x.T @ torch.linalg.solve(x @ x.T + l2_reg * torch.eye(n, dtype=x.dtype), y)
+    return torch.linalg.solve(x.T @ x + l2_reg * torch.eye(d, dtype=x.dtype), x.T @ y)
+
+
+def choose_l2_reg(x: torch.Tensor, y: torch.Tensor, grid: Sequence[float] = L2_GRID) -> float:
+    """The grid value with the best leave-one-out accuracy on the few-shot set, from the ridge
+    hat matrix H: the held-out prediction of row i is (H y)_i - H_ii (y_i - (H y)_i) / (1 - H_ii).
+    Ties go to the stronger regulariser."""
+    n = x.shape[0]
+    gram = x @ x.T  # (n, n)
+    truth = y.argmax(dim=1)
+    best, best_accuracy = grid[-1], -1.0
+    for l2_reg in sorted(grid, reverse=True):
+        hat = gram @ torch.linalg.inv(gram + l2_reg * torch.eye(n, dtype=x.dtype))
+        fitted = hat @ y
+        leverage = hat.diagonal().clamp(max=1 - 1e-9)[:, None]
+        held_out = fitted - leverage * (y - fitted) / (1 - leverage)
+        accuracy = (held_out.argmax(dim=1) == truth).double().mean().item()
+        if accuracy > best_accuracy:
+            best, best_accuracy = l2_reg, accuracy
+    return best
+
+
+def _integer_labels(labels: torch.Tensor) -> torch.Tensor:
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise DataError("few-shot evaluation needs one integer class per image; multi-label (multi-hot) data "
+                        "has no few-shot protocol here: evaluate on a single-label dataset")
+    return labels.long().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# From a model and images.
+
+
+@torch.no_grad()
+def extract_representations(model: torch.nn.Module, batches, *, per_class_limit: int | None = None,
+                            num_classes: int | None = None, max_images: int | None = None,
+                            device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen representations `model.forward_representation(images)` -> (features (N, D) float32
+    on CPU, labels (N,)). `per_class_limit` keeps only the first that many images of each class
+    (only those go through the model); with `num_classes` known, reading stops once every class
+    is full. `max_images` caps the total. The model's train/eval mode is restored afterwards."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper
+    device = torch.device(device) if device is not None else next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    features, labels, counts = [], [], {}
+    taken = 0
+    try:
+        for images, batch_labels, valid in _as_batches(batches):
+            batch_labels = _integer_labels(batch_labels)
+            keep = valid.clone().bool().cpu()
+            if per_class_limit is not None:
+                for i, label in enumerate(batch_labels.tolist()):
+                    if keep[i]:
+                        keep[i] = counts.get(label, 0) < per_class_limit
+                        counts[label] = counts.get(label, 0) + int(keep[i])
+            if max_images is not None:
+                keep &= torch.cumsum(keep.long(), 0) <= max_images - taken
+            if keep.any():
+                chosen = images[keep.to(images.device)].to(device, non_blocking=True)
+                features.append(module.forward_representation(chosen).float().cpu())
+                labels.append(batch_labels[keep])
+                taken += int(keep.sum())
+            if max_images is not None and taken >= max_images:
+                break
+            if per_class_limit is not None and num_classes is not None and len(counts) >= num_classes \
+                    and min(counts.values()) >= per_class_limit:
+                break
+    finally:
+        module.train(was_training)
+    if not features:
+        raise DataError("few-shot: no images were read (empty shards or loader)")
+    return torch.cat(features), torch.cat(labels)
+
+
+def _as_batches(batches) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels) tensors, or an iterable of (images, labels[, valid]) -> uniform triples."""
+    if isinstance(batches, (tuple, list)) and len(batches) in (2, 3) and isinstance(batches[0], torch.Tensor) \
+            and batches[0].dim() == 4:
+        images, labels = batches[0], batches[1]
+        for start in range(0, len(images), 256):
+            part = slice(start, start + 256)
+            yield images[part], labels[part], torch.ones(len(images[part]), dtype=torch.bool)
+        return
+    for batch in batches:
+        images, labels = batch[0], batch[1]
+        valid = batch[2] if len(batch) > 2 else torch.ones(len(images), dtype=torch.bool)
+        yield images, labels, valid
+
+
+def fewshot_accuracy(model: torch.nn.Module, train_batches, test_batches, *, shots: Sequence[int] = PAPER_SHOTS,
+                     l2_reg: float | None = None, max_test_images: int | None = None,
+                     num_classes: int | None = None, device: torch.device | str | None = None) -> dict[str, float]:
+    """{"fewshot_{k}shot": accuracy} for each k in `shots`: the paper's few-shot linear
+    evaluation of `model`'s frozen representations (see the module docstring)."""
+    shots = sorted(set(int(k) for k in shots))
+    if not shots or shots[0] < 1:
+        raise DataError(f"few-shot: shots must be positive integers, got {shots}")
+    train_x, train_y = extract_representations(model, train_batches, per_class_limit=shots[-1],
+                                               num_classes=num_classes, device=device)
+    test_x, test_y = extract_representations(model, test_batches, max_images=max_test_images, device=device)
+    return {f"fewshot_{k}shot": linear_fewshot_accuracy(train_x, train_y, test_x, test_y, shots=k, l2_reg=l2_reg)
+            for k in shots}
+
+
+@dataclasses.dataclass
+class FewShotEvaluator:
+    """Periodic few-shot evaluation from shards, for the training loop:
+
+        evaluator = FewShotEvaluator(config.data, train_shards=..., test_shards=...,
+                                     image_size=config.model.image_size, num_classes=10)
+        metrics.record_eval(evaluator.evaluate(model))     # every N steps
+
+    Each call streams the few-shot training shards until max(shots) images per class are read
+    (only those go through the model) and up to `max_test_images` held-out images. It reads the
+    whole data on the calling process: call it on every rank (same result everywhere; needed
+    with ZeRO-3, whose forward pass is collective) or on rank 0 alone with ZeRO-0/1/2."""
+
+    data: object  # DataConfig: decoding, normalisation and worker settings
+    train_shards: str
+    test_shards: str
+    image_size: int
+    num_classes: int
+    shots: Sequence[int] = PAPER_SHOTS
+    micro_batch_size: int = 64
+    max_test_images: int | None = 10_000
+    l2_reg: float | None = None
+
+    def loader(self, shards: str):
+        from vitscale.data import build_eval_loader
+
+        data = dataclasses.replace(self.data, eval_shards=shards, multi_label=False)
+        return build_eval_loader(data, micro_batch_size=self.micro_batch_size, image_size=self.image_size,
+                                 num_classes=self.num_classes, rank=0, world_size=1)
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, float]:
+        return fewshot_accuracy(model, self.loader(self.train_shards), self.loader(self.test_shards),
+                                shots=self.shots, l2_reg=self.l2_reg, max_test_images=self.max_test_images,
+                                num_classes=self.num_classes, device=device)
