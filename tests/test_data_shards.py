@@ -127,3 +127,18 @@ def test_shards_plan_refuses_or_rebalances_too_few_shards(uneven_shards, capsys)
     assert "steps_per_epoch: 5" in out and "padding_samples: 0" in out and "rebalanced: 5 shards < 8" in out
     assert main(args + ["data.few_shards=refuse"]) == 2
     assert "5 shards for 2 ranks x 4 workers" in capsys.readouterr().err
+
+
+def test_data_benchmark_runs_both_pipelines_and_writes_json(tmp_path, capsys):
+    """Smoke test only: benchmarks are never timed assertions."""
+    from vitscale.data import bench
+
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--images", "8", "--batch-size", "4", "--image-size", "32", "--sizes", "imagenet",
+                              "--repeats", "1", "--output", str(out)])
+    assert bench.run(args) == 0
+    result = json.loads(out.read_text())["sizes"]["imagenet"]
+    assert result["baseline_images_per_second"] > 0 and result["vitscale_images_per_second"] > 0
+    assert "torchvision ImageFolder" in capsys.readouterr().out

@@ -120,7 +120,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 def load_rgb(image: Image.Image) -> Image.Image:
     try:
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as error:
         raise SampleError("undecodable_image", f"{type(error).__name__}: {error}") from None
 

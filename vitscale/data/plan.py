@@ -123,8 +123,10 @@ class EpochPlan:
     epoch: int
     segment: int
     topology: Topology
-    sequence: np.ndarray  # sample ids still to be seen in this epoch, in reading order
+    num_samples: int  # samples still to be seen in this epoch
     steps: int
+    # Their ids in reading order; None means all of them, 0..num_samples-1 (no array for 14M ids).
+    sequence: np.ndarray | None = None
 
     @property
     def padded_length(self) -> int:
@@ -132,8 +134,12 @@ class EpochPlan:
 
     def sample_at(self, position: int) -> tuple[int, bool]:
         """(sample id, is_padding) of a padded position."""
-        n = len(self.sequence)
-        return int(self.sequence[position % n]), position >= n
+        index = position % self.num_samples
+        sample = index if self.sequence is None else int(self.sequence[index])
+        return sample, position >= self.num_samples
+
+    def ids(self) -> np.ndarray:
+        return np.arange(self.num_samples, dtype=np.int64) if self.sequence is None else self.sequence
 
     def reader_order(self, reader: Reader, buffer_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         key = (seed, self.epoch, self.segment, reader.start, 0xB0F)
@@ -147,18 +153,19 @@ def plan_epoch(num_samples: int, *, epoch: int, topology: Topology, seed: int, b
     history: [{"world_size", "workers", "micro_batch", "batches"}], the segments of this epoch
     before the current one (each ended by a restart with a different topology).
     """
-    sequence = np.arange(num_samples, dtype=np.int64)
+    sequence = None
     for segment, past in enumerate(history):
         old = Topology(past["world_size"], past["workers"], past["micro_batch"])
-        old_plan = EpochPlan(epoch, segment, old, sequence, steps_for(len(sequence), old, pad=pad))
+        old_plan = EpochPlan(epoch, segment, old, num_samples, steps_for(num_samples, old, pad=pad), sequence)
         sequence = _unseen(old_plan, int(past["batches"]), seed, buffer_size)
-    steps = steps_for(len(sequence), topology, pad=pad) if len(sequence) else 0
-    return EpochPlan(epoch, len(history), topology, sequence, steps)
+        num_samples = len(sequence)
+    steps = steps_for(num_samples, topology, pad=pad) if num_samples else 0
+    return EpochPlan(epoch, len(history), topology, num_samples, steps, sequence)
 
 
 def _unseen(plan: EpochPlan, batches_per_rank: int, seed: int, buffer_size: int) -> np.ndarray:
     """Sample ids of `plan` not yet consumed after every rank yielded `batches_per_rank` batches."""
-    n = len(plan.sequence)
+    n = plan.num_samples
     seen = np.zeros(n, dtype=bool)
     for rank in range(plan.topology.world_size):
         rank_readers = readers(plan.steps, plan.topology, rank)
@@ -167,4 +174,4 @@ def _unseen(plan: EpochPlan, batches_per_rank: int, seed: int, buffer_size: int)
             order, _ = plan.reader_order(reader, buffer_size, seed)
             positions = reader.start + order[: batches * plan.topology.micro_batch]
             seen[positions[positions < n]] = True
-    return plan.sequence[~seen]
+    return plan.ids()[~seen]
