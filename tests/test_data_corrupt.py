@@ -136,3 +136,14 @@ def test_oversized_image_is_refused_before_decoding():
         open_image(png, max_pixels=300 * 199)
     assert raised.value.reason == "oversized_image" and "300x200" in raised.value.detail
     assert open_image(png, max_pixels=300 * 200).size == (300, 200)
+
+
+def test_missing_shard_without_index_is_counted_once_or_stops_strict(tmp_path):
+    write_shards(digit_records(range(4)), tmp_path, prefix="x", max_count=2)
+    (tmp_path / "_info.json").unlink()
+    (tmp_path / "x-000001.tar").unlink()
+    pattern = str(tmp_path / "x-{000000..000001}.tar")
+    counts = [loader(pattern, rank=r, world=2).skipped_samples() for r in range(2)]
+    assert counts == [{"missing_shard": 1}, {}]
+    with pytest.raises(DataError, match="x-000001.tar is missing"):
+        loader(pattern, strict=True)

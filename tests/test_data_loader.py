@@ -195,3 +195,18 @@ def test_too_few_shards_refused_when_asked(uneven_shards):
     shards, _ = uneven_shards
     with pytest.raises(ConfigError, match="5 shards"):
         make_loader(shards, rank=0, world=3, workers=2, few_shards="refuse")
+
+
+def test_multi_label_class_names_through_a_class_map(tmp_path):
+    from vitscale.data.writer import write_shards
+
+    names = ["cat", "dog", "car"]
+    (tmp_path / "classes.json").write_text(json.dumps(names))
+    records = [{"__key__": f"s{i}", "png": r["png"], "json": json.dumps(["dog", "car"][: 1 + i % 2]).encode()}
+               for i, r in enumerate(__import__("data_fixtures").digit_records(range(4)))]
+    pattern, _ = write_shards(records, tmp_path, prefix="named", max_count=4)
+    cfg = DataConfig(train_shards=pattern, num_workers=0, multi_label=True, class_map=str(tmp_path / "classes.json"))
+    batch = next(build_train_loader(cfg, micro_batch_size=4, image_size=16, num_classes=3, rank=0, world_size=1,
+                                    seed=0).batches())
+    expected = {f"s{i}": [0.0, 1.0, float(i % 2)] for i in range(4)}
+    assert {k: t.tolist() for k, t in zip(batch.keys, batch.targets)} == expected

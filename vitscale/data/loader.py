@@ -264,6 +264,25 @@ class _RankLoader:
         self.epoch, self.history, self.batches_done = 0, [], 0
         self._skipped_before: collections.Counter = collections.Counter()
         self._skipped_now: dict[int, dict[str, int]] = {}
+        self._note_unindexed_missing_shards()
+
+    def _note_unindexed_missing_shards(self) -> None:
+        """A missing shard without an index entry has no known samples to skip one by one:
+        strict mode stops; tolerant mode counts it once (on rank 0) and records it."""
+        spec = self.stream.spec
+        for url, count in zip(spec.urls, spec.counts):
+            if count or url.startswith("pipe:") or os.path.exists(url):
+                continue
+            if spec.strict:
+                raise DataError(f"shard {url} is missing (restore it, remove it from the shard list, "
+                                f"or set data.strict=false to skip it)")
+            if spec.rank == 0:
+                self._skipped_before["missing_shard"] += 1
+                if spec.ledger:
+                    with open(spec.ledger, "a") as ledger:
+                        ledger.write(json.dumps({"shard": url, "key": "", "reason": "missing_shard",
+                                                 "detail": "not found; no index entry", "epoch": 0, "rank": 0,
+                                                 "worker": -1}) + "\n")
 
     def skipped_samples(self) -> dict[str, int]:
         """Cumulative skipped/corrupt sample counts by reason, on this rank (all workers)."""
