@@ -15,6 +15,7 @@ from vitscale.data import DataConfig
 from vitscale.data.datasets import digits_arrays, digits_split, write_digits_shards
 from vitscale.errors import DataError
 from vitscale.evaluation import FewShotEvaluator, evaluate_top1, fewshot_accuracy, linear_fewshot_accuracy
+from vitscale.evaluation.config import FewShotConfig
 from vitscale.evaluation.fewshot import choose_l2_reg, ridge_solve, select_shots, with_bias
 from vitscale.model import ModelConfig, build_model
 from vitscale.model.weights import save_weights
@@ -172,6 +173,10 @@ def test_shards_and_cli_agree_with_arrays(tmp_path, digits, models, shards):
         assert abs(from_shards[key] - value) <= 0.02, (key, from_shards, from_arrays)
 
     config = Config(model=tiny_model_config(), data=data).validate()
+    assert FewShotEvaluator.from_config(config) is None  # off by default
+    config.fewshot = FewShotConfig(every=100, train_shards=train_pattern, test_shards=eval_pattern, shots=[1, 5],
+                                   micro_batch_size=50)
+    assert FewShotEvaluator.from_config(config.validate()).evaluate(trained) == pytest.approx(from_shards)
     weights = save_weights(tmp_path / "digits.safetensors", trained.state_dict(), config)
     out = tmp_path / "fewshot.json"
     assert vitscale_main(["eval", "fewshot", str(weights), "--train-shards", train_pattern, "--test-shards",
@@ -203,6 +208,17 @@ def test_top1_ignores_padding_and_scores_multi_hot(models, digits):
     multi_hot[torch.arange(40), (y + 1) % 10] = 1  # a second label per image
     hits = (predicted == y) | (predicted == (y + 1) % 10)
     assert evaluate_top1(trained, [(x, multi_hot)])["top1"] == pytest.approx(hits.double().mean().item())
+
+
+def test_fewshot_config_is_validated():
+    from vitscale.config import load_config
+    from vitscale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fewshot.train_shards: few-shot evaluation is on"):
+        load_config(None, ["fewshot.every=100"])
+    with pytest.raises(ConfigError, match="fewshot.shots"):
+        load_config(None, ["fewshot.shots=[0, 5]"])
+    assert load_config(None, ["fewshot.shots=[5]"]).fewshot.shots == [5]
 
 
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):

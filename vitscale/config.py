@@ -24,6 +24,7 @@ import yaml
 from vitscale.data.config import DataConfig
 from vitscale.engine.config import EngineConfig, OptimConfig, ScheduleConfig
 from vitscale.errors import ConfigError
+from vitscale.evaluation.config import FewShotConfig
 from vitscale.checks import require_positive
 from vitscale.metrics.config import MetricsConfig
 from vitscale.model.config import ModelConfig
@@ -61,6 +62,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     masked_patch: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
     def validate(self) -> "Config":
         """Check every section, then the rules that span sections. Returns self."""

@@ -184,9 +184,9 @@ def fewshot_accuracy(model: torch.nn.Module, train_batches, test_batches, *, sho
 class FewShotEvaluator:
     """Periodic few-shot evaluation from shards, for the training loop:
 
-        evaluator = FewShotEvaluator(config.data, train_shards=..., test_shards=...,
-                                     image_size=config.model.image_size, num_classes=10)
-        metrics.record_eval(evaluator.evaluate(model))     # every N steps
+        evaluator = FewShotEvaluator.from_config(config)      # None unless fewshot.every > 0
+        if evaluator and step % config.fewshot.every == 0:
+            metrics.record_eval(evaluator.evaluate(model))    # {"fewshot_5shot": ..., ...}
 
     Each call streams the few-shot training shards until max(shots) images per class are read
     (only those go through the model) and up to `max_test_images` held-out images. It reads the
@@ -202,6 +202,17 @@ class FewShotEvaluator:
     micro_batch_size: int = 64
     max_test_images: int | None = 10_000
     l2_reg: float | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "FewShotEvaluator | None":
+        """The evaluator the config's `fewshot` section describes, or None when it is off."""
+        section = config.fewshot
+        if not section.every:
+            return None
+        return cls(config.data, train_shards=section.train_shards, test_shards=section.test_shards,
+                   image_size=config.model.image_size, num_classes=section.num_classes or config.model.num_classes,
+                   shots=tuple(section.shots), micro_batch_size=section.micro_batch_size,
+                   max_test_images=section.max_test_images, l2_reg=section.l2_reg)
 
     def loader(self, shards: str):
         from vitscale.data import build_eval_loader

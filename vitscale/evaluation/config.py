@@ -1,0 +1,42 @@
+"""Few-shot section of the config tree: the paper's few-shot linear evaluation during pretraining."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vitscale.errors import ConfigError
+
+
+@dataclass
+class FewShotConfig:
+    # Run few-shot evaluation every this many steps (0: never). Results are logged and exported as
+    # Prometheus eval metrics fewshot_{k}shot.
+    every: int = 0
+    # Shards the k training images per class come from, and held-out shards that are scored.
+    train_shards: str = ""
+    test_shards: str = ""
+    # Classes of the few-shot dataset; 0 means model.num_classes.
+    num_classes: int = 0
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    # Held-out images scored per evaluation (the first ones in shard order).
+    max_test_images: int = 10000
+    # Ridge coefficient; null chooses it per evaluation by leave-one-out on the few-shot images.
+    l2_reg: float | None = None
+    micro_batch_size: int = 64
+
+    def validate(self) -> None:
+        for name in ("every", "num_classes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"fewshot.{name}", "must be >= 0", "use 0 to disable / to use the default")
+        if self.every and not (self.train_shards and self.test_shards):
+            raise ConfigError("fewshot.train_shards" if not self.train_shards else "fewshot.test_shards",
+                              "few-shot evaluation is on (fewshot.every > 0) but has no shards",
+                              "set fewshot.train_shards and fewshot.test_shards, or fewshot.every=0")
+        if not self.shots or any(k < 1 for k in self.shots):
+            raise ConfigError("fewshot.shots", f"must be positive image counts per class, got {self.shots}",
+                              "e.g. [1, 5, 10, 25]")
+        for name in ("max_test_images", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"fewshot.{name}", "must be >= 1", "use a positive number")
+        if self.l2_reg is not None and self.l2_reg <= 0:
+            raise ConfigError("fewshot.l2_reg", "must be > 0", "use e.g. 1024, or null to choose it automatically")
