@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -166,7 +167,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:  # pickle.UnpicklingError is a RuntimeError here
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint file {path}: {first_line[:200]}") from None
 

@@ -1,0 +1,167 @@
+"""Checkpoints: atomic files and markers, retention, safe loading, and exact resume after kill -9,
+a kill during a checkpoint write and a full disk (2 CPU ranks, gloo, ZeRO-2)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from test_engine_support import engine_digits, module_state, read_log, run_job, step_losses, tiny_args  # noqa: F401
+from vitscale.engine import checkpoint as ckpt
+from vitscale.errors import CheckpointError
+
+
+# ---------------------------------------------------------------------------------------------
+# Units: markers, retention, atomic writes, safe loading, RNG state.
+
+
+def make_checkpoint(run_dir, step, complete=True):
+    path = ckpt.checkpoint_dir(run_dir, step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        ckpt.mark_complete(path, {"step": step})
+    return path
+
+
+def test_latest_complete_ignores_unfinished_checkpoints(tmp_path):
+    assert ckpt.latest_complete(tmp_path) is None
+    make_checkpoint(tmp_path, 100)
+    make_checkpoint(tmp_path, 200)
+    make_checkpoint(tmp_path, 300, complete=False)  # killed mid-write
+    assert ckpt.latest_complete(tmp_path) == ckpt.checkpoint_dir(tmp_path, 200)
+    assert ckpt.resolve_checkpoint(tmp_path) == ckpt.checkpoint_dir(tmp_path, 200)
+    with pytest.raises(CheckpointError, match="interrupted"):
+        ckpt.resolve_checkpoint(ckpt.checkpoint_dir(tmp_path, 300))
+
+
+def test_retention_keeps_newest_complete_and_drops_stale_partials(tmp_path):
+    for step in (1, 2, 3, 4):
+        make_checkpoint(tmp_path, step)
+    make_checkpoint(tmp_path, 5, complete=False)       # newer than every complete one: kept (may be in flight)
+    partial_old = make_checkpoint(tmp_path, 0, complete=False)
+    deleted = ckpt.apply_retention(tmp_path, keep_last=2)
+    left = [(step, done) for step, _, done in ckpt.list_checkpoints(tmp_path)]
+    assert left == [(3, True), (4, True), (5, False)]
+    assert partial_old in deleted
+    # keep_last can never remove the newest complete checkpoint.
+    ckpt.apply_retention(tmp_path, keep_last=0)
+    assert ckpt.latest_complete(tmp_path) == ckpt.checkpoint_dir(tmp_path, 4)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    target = tmp_path / "state.pt"
+
+    def fill_disk(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        ckpt.write_atomic(target, fill_disk)
+    assert list(tmp_path.iterdir()) == []
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_loading_refuses_arbitrary_pickles(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"module": Payload()}, path)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        ckpt.safe_torch_load(path)
+    path.write_bytes(pickle.dumps({"x": 1})[:5])
+    with pytest.raises(CheckpointError):
+        ckpt.safe_torch_load(path)
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ckpt.torch_save_atomic({"rng": ckpt.rng_state()}, tmp_path / "rank.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(ckpt.safe_torch_load(tmp_path / "rank.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 ranks: exact resume, kill during a write, full disk.
+
+T = 4
+
+
+def test_kill_9_and_resume_is_bitwise_identical(tmp_path, engine_digits):
+    straight = tmp_path / "straight"
+    run_job(tiny_args(straight, engine_digits, f"run.steps={2 * T}", f"engine.checkpoint_every={T}"),
+            tmp_path / "logs_straight")
+
+    resumed = tmp_path / "resumed"
+    args = tiny_args(resumed, engine_digits, f"run.steps={2 * T}", f"engine.checkpoint_every={T}")
+    # Every process SIGKILLs itself as step T+1 starts: what `kill -9` of the whole job leaves.
+    killed = run_job(args, tmp_path / "logs_killed", expect=None,
+                     env={"VITSCALE_INJECT_FAULT": f"kill@point=step_start,step={T + 1}"})
+    assert killed.codes == [-9, -9], killed.output()
+    assert ckpt.latest_complete(resumed) == ckpt.checkpoint_dir(resumed, T)
+    job = run_job(args, tmp_path / "logs_resume")
+    assert f"resumed from {ckpt.checkpoint_dir(resumed, T)} at step {T}" in job.output(0)
+
+    straight_losses, resumed_losses = step_losses(straight), step_losses(resumed)
+    assert sorted(resumed_losses) == list(range(1, 2 * T + 1))
+    assert resumed_losses == straight_losses  # bitwise: same floats in the log
+    final_a = module_state(ckpt.checkpoint_dir(straight, 2 * T))
+    final_b = module_state(ckpt.checkpoint_dir(resumed, 2 * T))
+    assert final_a.keys() == final_b.keys()
+    for name in final_a:
+        assert torch.equal(final_a[name], final_b[name]), name
+    for rank in (0, 1):  # Adam moments of each ZeRO partition, too
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        opt_a = ckpt.safe_torch_load(ckpt.checkpoint_dir(straight, 2 * T) / name)["optimizer_state_dict"]
+        opt_b = ckpt.safe_torch_load(ckpt.checkpoint_dir(resumed, 2 * T) / name)["optimizer_state_dict"]
+        for state_a, state_b in zip(opt_a["base_optimizer_state"]["state"].values(),
+                                    opt_b["base_optimizer_state"]["state"].values()):
+            assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
+            assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, engine_digits):
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, engine_digits, "run.steps=6", "engine.checkpoint_every=2",
+                     "engine.collective_timeout_seconds=20")
+    job = run_job(args, tmp_path / "logs_killed", expect=None, timeout=120,
+                  env={"VITSCALE_INJECT_FAULT": "kill@point=checkpoint_write,step=4,rank=1"})
+    assert job.codes[1] == -9 and job.codes[0] != 0, job.output()
+    partial = ckpt.checkpoint_dir(run_dir, 4)
+    assert partial.is_dir() and not ckpt.is_complete(partial)
+    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 2)
+
+    job = run_job(args, tmp_path / "logs_resume")
+    assert f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2" in job.output(0)
+    assert ckpt.is_complete(partial)  # re-saved whole this time
+    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 6)
+
+
+def test_full_disk_during_save_is_reported_and_previous_checkpoint_loads(tmp_path, engine_digits):
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, engine_digits, "run.steps=4", "engine.checkpoint_every=2")
+    # Only rank 1's disk fills up, during the final save: rank 0's files of step 4 are written
+    # but the checkpoint must not count as complete.
+    job = run_job(args, tmp_path / "logs_full", expect=5,
+                  env={"VITSCALE_INJECT_FAULT": "disk_full@point=checkpoint_write,step=4,rank=1"})
+    assert "No space left on device" in job.stderr(1)
+    assert "checkpoint FAILED" in job.output(0)
+    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 2)
+    assert not ckpt.checkpoint_dir(run_dir, 4).exists()
+    records = [r for r in read_log(run_dir) if "checkpoint_ok" in r]
+    assert [(r["step"], r["checkpoint_ok"]) for r in records] == [(2, True), (4, False)]
+
+    job = run_job(args, tmp_path / "logs_resume")
+    assert f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2" in job.output(0)
+    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 4)
+    trainer = json.loads((ckpt.checkpoint_dir(run_dir, 4) / "trainer.json").read_text())
+    assert trainer["step"] == 4
