@@ -41,12 +41,12 @@ def map_head_flops(tokens: int, width: int, mlp_dim: int) -> int:
 
 
 def head_flops(config: ModelConfig, width: int) -> int:
-    if config.num_classes == 0:
-        return 0
+    # A headless model (num_classes 0) keeps its pre-logits layer: it is part of the representation.
     if config.head == "pretrain" and config.representation_size:
-        return matmul_flops(1, width, config.representation_size) + \
-            matmul_flops(1, config.representation_size, config.num_classes)
-    return matmul_flops(1, width, config.num_classes)
+        pre_logits, width = matmul_flops(1, width, config.representation_size), config.representation_size
+    else:
+        pre_logits = 0
+    return pre_logits + (matmul_flops(1, width, config.num_classes) if config.num_classes else 0)
 
 
 def forward_flops_per_image(config: ModelConfig) -> float:
