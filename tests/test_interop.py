@@ -25,6 +25,15 @@ transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster single-threaded on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Libraries start biases, [class] tokens and LayerScale at constants; randomise every
     parameter so that a mix-up of any two tensors shows in the outputs."""
@@ -93,6 +102,19 @@ def test_timm_nonstandard_width_needs_heads_flag(tmp_path):
         assert max_diff(original(images()), model(images())) <= TOLERANCE
     with pytest.raises(CheckpointError, match="shape mismatch pos_embed.weight"):
         convert(source, tmp_path / "out.safetensors", overrides=["model.heads=4", "model.image_size=64"])
+
+
+def test_timm_training_checkpoint_pth_is_read_without_unpickling_code(tmp_path):
+    original = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32,
+                                         patch_size=8, num_classes=3))
+    source = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in original.state_dict().items()}}, source)
+    model, _ = converted(tmp_path, source)
+    with torch.no_grad():
+        assert max_diff(original(images()), model(images())) <= TOLERANCE
+    (tmp_path / "code.pth").write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that would import os.system
+    with pytest.raises(CheckpointError, match="neither safetensors nor a plain PyTorch state dict"):
+        convert(tmp_path / "code.pth", tmp_path / "out.safetensors", source_format="timm")
 
 
 def test_timm_pool_then_norm_is_refused(tmp_path):

@@ -30,7 +30,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                               "save it with torch.save(model.state_dict()) or as safetensors") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    return loaded
+    return unwrap_state_dict(loaded)
+
+
+def unwrap_state_dict(state_dict: dict) -> dict:
+    """Training checkpoints wrap the weights ({"model": ...}, {"state_dict": ...}, EMA copies
+    first) and DDP prefixes names with "module."; -> the bare tensors."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        inner = state_dict.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            state_dict = inner
+            break
+    return {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
 
 def detect_format(path: str | Path) -> str:

@@ -23,6 +23,7 @@ import torch
 
 from vitscale.errors import CheckpointError
 from vitscale.interop.common import Imported, grid_from_positions, shape_fields, to_float32
+from vitscale.interop.io import unwrap_state_dict
 
 # Features of some timm ViTs that vitscale's model has no counterpart for.
 UNSUPPORTED = {
@@ -39,7 +40,7 @@ UNSUPPORTED = {
 
 def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm") -> Imported:
     """A timm VisionTransformer state_dict -> vitscale names and the config fields it records."""
-    sd = to_float32(_unwrap(state_dict))
+    sd = to_float32(unwrap_state_dict(state_dict))
     if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
         raise CheckpointError(f"{source} is not a timm VisionTransformer state dict (no patch_embed.proj.weight "
                               "or blocks.0.attn.qkv.weight); pass --from for another format")
@@ -122,13 +123,3 @@ def _is_square(n: int) -> bool:
     import math
 
     return math.isqrt(n) ** 2 == n
-
-
-def _unwrap(state_dict: dict) -> dict:
-    """Training checkpoints wrap the weights: {"state_dict": ...}, {"model": ...}, {"model_ema": ...}."""
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        inner = state_dict.get(key)
-        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-            state_dict = inner
-            break
-    return {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
