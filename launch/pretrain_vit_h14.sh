@@ -100,6 +100,9 @@ train_args+=("$@")
 export VITSCALE_NNODES=$nodes VITSCALE_NPROC_PER_NODE=$procs VITSCALE_RDZV_ID=$job_id
 export VITSCALE_RDZV_ENDPOINT=$master_addr:$master_port VITSCALE_LOG_DIR=$log_dir
 export MASTER_ADDR=$master_addr MASTER_PORT=$master_port
+# A node whose ranks stopped after saving must not look failed to srun: --kill-on-bad-exit would
+# cut the other nodes, one of which may still be saving or requeueing the job.
+export VITSCALE_STOPPED_EXIT_CODE=0
 
 printf 'pretrain_vit_h14.sh: job %s restart %s: %s node(s) x %s process(es) (%s GPU(s)/node), rendezvous %s, logs %s\n' \
   "$job_id" "$restart" "$nodes" "$procs" "$gpus" "$VITSCALE_RDZV_ENDPOINT" "$log_dir"
@@ -113,9 +116,11 @@ srun_args=(--nodes "$nodes" --ntasks "$nodes" --ntasks-per-node 1 --kill-on-bad-
 srun "${srun_args[@]}" "$repo/launch/torchrun.sh" "${train_args[@]}" &
 srun_pid=$!
 
+stop_forwarded=0
 forward() {
   # srun relays the signal to its task on every node: launch/torchrun.sh, which signals the ranks.
   echo "pretrain_vit_h14.sh: SIG$1 received: forwarding to the training processes" >&2
+  stop_forwarded=1
   kill -s "$1" "$srun_pid" 2>/dev/null || true
 }
 trap 'forward USR1' USR1
@@ -127,5 +132,8 @@ while kill -0 "$srun_pid" 2>/dev/null; do
 done
 status=0
 wait "$srun_pid" || status=$?
+if [ "$status" = 0 ] && [ "$stop_forwarded" = 1 ]; then
+  status=75  # vitscale/engine/faults.py EXIT_STOPPED: saved; a requeued job resumes from it
+fi
 echo "pretrain_vit_h14.sh: training exited with status $status"
 exit "$status"

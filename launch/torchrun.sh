@@ -14,10 +14,38 @@
 #   VITSCALE_LOG_DIR         per-rank stdout/stderr files (torchrun --log-dir), also shown here
 #   VITSCALE_PYTHON          interpreter (default: the repository's .venv, else python3)
 #
-# SIGUSR1 and SIGTERM sent to this script go straight to every training process, which agree on
-# a step, save a checkpoint and exit (SIGUSR1 also requeues the Slurm job). torchrun itself is
-# not signalled: it would stop the workers before they save.
+#   VITSCALE_STOPPED_EXIT_CODE  exit status when the ranks stopped on request after saving (75)
+#
+# SIGUSR1 and SIGTERM sent to this script go to every training process, which agree on a step,
+# save a checkpoint and exit 75 (SIGUSR1 also requeues the Slurm job). torchrun itself is not
+# signalled: it would stop the workers before they save. Each rank runs under this script's
+# --rank mode, which relays signals and reports 75 to torchrun as success, because torchrun
+# SIGTERMs every other rank as soon as one exits non-zero: a peer still saving or requeueing.
 set -euo pipefail
+
+EXIT_STOPPED=75  # vitscale/engine/faults.py: stopped on request after saving a checkpoint
+
+run_rank() {
+  # torchrun's worker: `torchrun.sh --rank PYTHON train.py ARGS...`.
+  "$@" &
+  local child=$! code=0
+  trap 'kill -s USR1 "$child" 2>/dev/null || true' USR1
+  trap 'kill -s TERM "$child" 2>/dev/null || true' TERM
+  while kill -0 "$child" 2>/dev/null; do
+    wait "$child" || true
+  done
+  wait "$child" || code=$?
+  if [ -n "${VITSCALE_RANK_STATUS_DIR:-}" ] && [[ ${RANK:-0} =~ ^[0-9]+$ ]]; then
+    echo "$code" >"$VITSCALE_RANK_STATUS_DIR/rank${RANK:-0}"
+  fi
+  [ "$code" = "$EXIT_STOPPED" ] && exit 0
+  exit "$code"
+}
+
+if [ "${1:-}" = "--rank" ]; then
+  shift
+  run_rank "$@"
+fi
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -93,14 +121,20 @@ if [ -n "${VITSCALE_LOG_DIR:-}" ]; then
   launcher+=(--log-dir "$VITSCALE_LOG_DIR" --tee 3)
 fi
 
+stopped_exit_code=${VITSCALE_STOPPED_EXIT_CODE:-$EXIT_STOPPED}
+require_whole_number VITSCALE_STOPPED_EXIT_CODE "$stopped_exit_code"
+VITSCALE_RANK_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vitscale-ranks.XXXXXX")
+export VITSCALE_RANK_STATUS_DIR
+trap 'rm -rf -- "$VITSCALE_RANK_STATUS_DIR"' EXIT
+
 echo "launch/torchrun.sh: $(hostname): $nproc process(es) x $nnodes node(s), $( [ "$gpus" = 0 ] && echo CPU || echo "$gpus GPU(s)" )"
-"${launcher[@]}" "$repo/vitscale/train.py" "$@" &
+"${launcher[@]}" --no-python "$repo/launch/torchrun.sh" --rank "$python" "$repo/vitscale/train.py" "$@" &
 torchrun_pid=$!
 
 forward_to_workers() {
   local signal=$1 pids
-  pids=$(child_pids "$torchrun_pid")
-  echo "launch/torchrun.sh: SIG$signal -> training processes ${pids//$'\n'/ }" >&2
+  pids=$(child_pids "$torchrun_pid")  # the --rank wrappers; they relay to the ranks
+  echo "launch/torchrun.sh: SIG$signal -> training processes" >&2
   # shellcheck disable=SC2086  # PIDs from /proc: digits only
   [ -n "$pids" ] && kill -s "$signal" $pids 2>/dev/null || true
 }
@@ -113,4 +147,20 @@ while kill -0 "$torchrun_pid" 2>/dev/null; do
 done
 status=0
 wait "$torchrun_pid" || status=$?
+# The ranks' own exit codes say more than torchrun's 0/1: 75 stopped after saving, 2 bad input,
+# 3 too many non-finite steps, 4 hung (vitscale/engine/faults.py).
+codes=" "
+for file in "$VITSCALE_RANK_STATUS_DIR"/rank*; do
+  [ -f "$file" ] && codes+="$(<"$file") "
+done
+for code in $codes; do
+  if [ "$code" != 0 ] && [ "$code" != "$EXIT_STOPPED" ]; then
+    echo "launch/torchrun.sh: a training process exited with status $code" >&2
+    exit "$code"
+  fi
+done
+if [ "$status" = 0 ] && [[ $codes == *" $EXIT_STOPPED "* ]]; then
+  echo "launch/torchrun.sh: training stopped on request after saving a checkpoint" >&2
+  exit "$stopped_exit_code"
+fi
 exit "$status"

@@ -131,18 +131,20 @@ def test_torchrun_multinode_uses_c10d_rendezvous(recorder, tmp_path):
     assert result.returncode == 2 and "host:port" in result.stderr
 
 
-SIGNAL_WORKER = """#!{python}
-import os, signal, sys, time
-# Stands in for python -m torch.distributed.run: one child per 'rank' that reports its signal.
+FAKE_TORCHRUN = """#!{python}
+import os, signal, subprocess, sys, time
+# Stands in for python: as `-m torch.distributed.run ... --no-python CMD...` it starts CMD for ranks
+# 0 and 1 and, like torchrun, exits 0 only if every rank did; as `train.py` it is a rank that
+# reports the signal it gets and exits with RANK_EXIT (the engine's 75: stopped after saving).
 if sys.argv[1:3] == ["-m", "torch.distributed.run"]:
-    import subprocess
-    kids = [subprocess.Popen([sys.argv[0], "rank", str(r)]) for r in range(2)]
-    sys.exit(max(k.wait() for k in kids))
-rank = sys.argv[2]
+    command = sys.argv[sys.argv.index("--no-python") + 1:]
+    ranks = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r))) for r in range(2)]
+    sys.exit(0 if all(rank.wait() == 0 for rank in ranks) else 1)
+rank = os.environ["RANK"]
 def report(signum, frame):
     with open(os.environ["RECORD_TO"], "a") as out:
         out.write(f"rank {{rank}} got {{signal.Signals(signum).name}}\\n")
-    sys.exit(75)
+    sys.exit(int(os.environ["RANK_EXIT"].split(",")[int(rank)]))
 signal.signal(signal.SIGUSR1, report)
 open(os.environ["RECORD_TO"] + ".ready" + rank, "w").close()
 time.sleep(30)
@@ -150,24 +152,41 @@ sys.exit(1)
 """
 
 
-def test_torchrun_forwards_usr1_to_every_training_process(tmp_path):
+def run_with_usr1(tmp_path, rank_exit: str, **env_extra) -> tuple[int, list[str]]:
     fake = tmp_path / "fake_python"
-    fake.write_text(SIGNAL_WORKER.format(python=sys.executable))
+    fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
     fake.chmod(0o755)
     record = tmp_path / "signals.txt"
-    env = clean_env(VITSCALE_PYTHON=str(fake), RECORD_TO=str(record), VITSCALE_NPROC_PER_NODE="2")
+    env = clean_env(VITSCALE_PYTHON=str(fake), RECORD_TO=str(record), VITSCALE_NPROC_PER_NODE="2",
+                    RANK_EXIT=rank_exit, **env_extra)
     launcher = subprocess.Popen(["bash", str(TORCHRUN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
         while not all(Path(f"{record}.ready{r}").exists() for r in "01") and time.monotonic() < deadline:
             time.sleep(0.05)
         launcher.send_signal(signal.SIGUSR1)
-        assert launcher.wait(timeout=20) == 75  # the ranks' exit status comes back
+        code = launcher.wait(timeout=20)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-    assert sorted(record.read_text().splitlines()) == ["rank 0 got SIGUSR1", "rank 1 got SIGUSR1"]
+    return code, sorted(record.read_text().splitlines())
+
+
+def test_torchrun_forwards_usr1_to_every_rank_and_reports_the_stop(tmp_path):
+    code, signals = run_with_usr1(tmp_path, rank_exit="75,75")
+    assert signals == ["rank 0 got SIGUSR1", "rank 1 got SIGUSR1"]
+    assert code == 75  # the engine's "stopped after saving", not torchrun's generic failure
+
+
+def test_torchrun_reports_a_ranks_failure_code(tmp_path):
+    code, _ = run_with_usr1(tmp_path, rank_exit="75,3")  # rank 1: too many non-finite steps
+    assert code == 3
+
+
+def test_torchrun_stop_exit_code_is_configurable_for_srun(tmp_path):
+    code, _ = run_with_usr1(tmp_path, rank_exit="75,75", VITSCALE_STOPPED_EXIT_CODE="0")
+    assert code == 0
 
 
 @pytest.fixture
@@ -184,7 +203,8 @@ def run_pretrain(tmp_path, bin_dir, fake_python, record, args=(), **env_extra):
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", VITSCALE_PYTHON=str(fake_python),
                     RECORD_TO=str(record), SRUN_ARGV_FILE=str(tmp_path / "srun_argv"),
                     SLURM_JOB_ID="4711", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node-01",
-                    SLURM_SUBMIT_DIR=str(REPO), VITSCALE_LOG_DIR=str(tmp_path / "logs"), **env_extra)
+                    SLURM_SUBMIT_DIR=str(REPO), VITSCALE_LOG_DIR=str(tmp_path / "logs"))
+    env.update(env_extra)
     return subprocess.run(["bash", str(PRETRAIN), *args], env=env, capture_output=True, text=True,
                           timeout=30, cwd=tmp_path)
 
@@ -198,7 +218,7 @@ def test_pretrain_script_takes_every_value_from_env_and_args_verbatim(recorder, 
         args=[f"run.name={v}" for v in values],
         SLURM_JOB_NAME=f"job;touch {canary};$(touch {canary})", SLURM_RESTART_COUNT="1",
         VITSCALE_CONFIG="configs/vit_h14_jft_tiny.yaml", VITSCALE_GPUS_PER_NODE="0", VITSCALE_PROCS_PER_NODE="2",
-        VITSCALE_OVERRIDES=f"optim.lr=1e-4  metrics.advertise_host=$(touch {canary}) data.train_shards=*",
+        VITSCALE_OVERRIDES=f"optim.lr=1e-4  metrics.advertise_host=$(touch${{IFS}}{canary}) data.train_shards=*",
         VITSCALE_OUTPUT_DIR=f"/tmp/out;touch {canary}", VITSCALE_METRICS_PORT="9500",
         VITSCALE_PROMETHEUS_TARGETS=str(tmp_path / "targets"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -208,7 +228,7 @@ def test_pretrain_script_takes_every_value_from_env_and_args_verbatim(recorder, 
     train_args = argv[argv.index(str(REPO / "vitscale" / "train.py")) + 1:]
     assert train_args == [
         "--config", "configs/vit_h14_jft_tiny.yaml",
-        "optim.lr=1e-4", f"metrics.advertise_host=$(touch {canary})", "data.train_shards=*",  # no globbing
+        "optim.lr=1e-4", f"metrics.advertise_host=$(touch${{IFS}}{canary})", "data.train_shards=*",  # no glob
         f"run.output_dir=/tmp/out;touch {canary}", "metrics.port=9500",
         f"metrics.file_sd_dir={tmp_path / 'targets'}",
     ] + [f"run.name={v}" for v in values]

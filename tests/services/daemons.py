@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 SERVICES = Path(__file__).resolve().parent
+REPO = SERVICES.parents[1]
 
 
 def free_port(count: int = 1) -> int:
@@ -159,10 +160,28 @@ class PrometheusServer:
         return "\n".join(path.read_text().splitlines()[-15:]) if path.exists() else ""
 
 
+def derived_prometheus_config(state: Path) -> Path:
+    """docker/prometheus/prometheus.yml (and its alert rules) pointed at STATE/targets, 1 s intervals."""
+    import yaml
+
+    shipped = REPO / "docker" / "prometheus"
+    config = yaml.safe_load((shipped / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(shipped / name) for name in config.get("rule_files", [])]
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "vitscale"]
+    job.update(scrape_interval="1s", scrape_timeout="1s")
+    for discovery in job["file_sd_configs"]:
+        discovery.update(files=[str(state / "targets" / "*.json")], refresh_interval="1s")
+    path = state / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 @contextlib.contextmanager
 def prometheus_server():
     run_script("prometheus.sh", "install")
     state = shared_temp_dir("vitscale-prometheus-")
+    derived_prometheus_config(state)
     port = free_port()
     env = dict(os.environ, PROMETHEUS_PORT=str(port))
     try:

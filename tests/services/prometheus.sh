@@ -2,9 +2,9 @@
 # tests/services/prometheus.sh install|up|down STATE_DIR
 #
 # A real Prometheus (Debian's package) on 127.0.0.1, without systemd, that discovers training
-# ranks through file_sd: `up` writes STATE_DIR/prometheus.yml with the same vitscale job as
-# docker/prometheus/prometheus.yml, but 1 s scrape and file_sd refresh intervals, watching
-# STATE_DIR/targets/*.json; checks it with promtool, starts the server, waits for /-/ready.
+# ranks through file_sd: `up` uses STATE_DIR/prometheus.yml if present, else writes one whose
+# vitscale job watches STATE_DIR/targets/*.json (1 s scrape and file_sd refresh); checks it with
+# promtool, starts the server and waits for /-/ready.
 # Port: PROMETHEUS_PORT (default 19090). `down` stops it by its saved PID.
 set -euo pipefail
 
@@ -24,9 +24,18 @@ install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
 }
 
+http_ok() {
+  if command -v curl >/dev/null; then
+    curl -sf "$1" >/dev/null 2>&1
+  else
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" >/dev/null 2>&1
+  fi
+}
+
 up() {
   mkdir -p "$state/data" "$state/targets"
-  cat >"$state/prometheus.yml" <<EOF
+  # A config placed in STATE_DIR beforehand wins (the tests derive one from docker/prometheus/).
+  [ -f "$state/prometheus.yml" ] || cat >"$state/prometheus.yml" <<EOF
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
@@ -43,7 +52,7 @@ EOF
     </dev/null >"$state/prometheus.log" 2>&1 &
   echo $! >"$state/prometheus.bgpid"
   for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$port/-/ready" >/dev/null 2>&1 && return 0
+    http_ok "http://127.0.0.1:$port/-/ready" && return 0
     kill -0 "$(cat "$state/prometheus.bgpid")" 2>/dev/null || break
     sleep 0.1
   done
