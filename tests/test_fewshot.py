@@ -193,6 +193,53 @@ def test_shards_and_cli_agree_with_arrays(tmp_path, digits, models, shards):
     assert result["images"] == len(y) and abs(result["top1"] - expected) <= 0.01
 
 
+RANK_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from vitscale.data import build_eval_loader
+from vitscale.evaluation.cli import load_for_eval
+from vitscale.evaluation.top1 import evaluate_top1
+rank, world_size, port, weights, shards, out = sys.argv[1:]
+rank, world_size = int(rank), int(world_size)
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+model, config = load_for_eval(weights, ["data.num_workers=0", "data.pin_memory=false", f"data.eval_shards={shards}"], "cpu")
+loader = build_eval_loader(config.data, micro_batch_size=32, image_size=config.model.image_size,
+                           num_classes=config.model.num_classes, rank=rank, world_size=world_size)
+result = evaluate_top1(model, loader)
+result["local_batches"] = len(loader)
+json.dump(result, open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_top1_sums_over_ranks(tmp_path, models, digits, shards):
+    """Two gloo processes, each scoring its share of the held-out shards (padded to equal batch
+    counts), both report the accuracy over all images exactly once."""
+    import socket
+    import subprocess
+    import sys
+
+    _, trained = models
+    _, (x, y) = digits
+    with torch.no_grad():
+        expected = (trained(x).argmax(1) == y).double().mean().item()
+    config = Config(model=tiny_model_config()).validate()
+    weights = save_weights(tmp_path / "digits.safetensors", trained.state_dict(), config)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(port), str(weights), shards[1],
+                               str(tmp_path)]) for rank in range(2)]
+    assert [process.wait(timeout=300) for process in ranks] == [0, 0]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert results[0]["local_batches"] == results[1]["local_batches"]
+    for result in results:
+        assert result["images"] == len(y)
+        assert abs(result["top1"] - expected) <= 0.01
+
+
 def test_top1_ignores_padding_and_scores_multi_hot(models, digits):
     _, trained = models
     _, (x, y) = digits

@@ -118,6 +118,7 @@ def extract_representations(model: torch.nn.Module, batches, *, per_class_limit:
     is full. `max_images` caps the total. The model's train/eval mode is restored afterwards."""
     module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper
     device = torch.device(device) if device is not None else next(module.parameters()).device
+    dtype = next(module.parameters()).dtype  # bf16 engines hold bf16 weights: feed them bf16 images
     was_training = module.training
     module.eval()
     features, labels, counts = [], [], {}
@@ -134,7 +135,7 @@ def extract_representations(model: torch.nn.Module, batches, *, per_class_limit:
             if max_images is not None:
                 keep &= torch.cumsum(keep.long(), 0) <= max_images - taken
             if keep.any():
-                chosen = images[keep.to(images.device)].to(device, non_blocking=True)
+                chosen = images[keep.to(images.device)].to(device, dtype=dtype, non_blocking=True)
                 features.append(module.forward_representation(chosen).float().cpu())
                 labels.append(batch_labels[keep])
                 taken += int(keep.sum())

@@ -21,6 +21,7 @@ def evaluate_top1(model: torch.nn.Module, batches, *, device: torch.device | str
                   max_batches: int | None = None) -> dict[str, float]:
     module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper
     device = torch.device(device) if device is not None else next(module.parameters()).device
+    dtype = next(module.parameters()).dtype  # bf16 engines hold bf16 weights: feed them bf16 images
     was_training = module.training
     module.eval()
     correct = torch.zeros((), dtype=torch.float64)
@@ -31,7 +32,7 @@ def evaluate_top1(model: torch.nn.Module, batches, *, device: torch.device | str
                 break
             images, targets = batch[0], batch[1]
             valid = (batch[2] if len(batch) > 2 else torch.ones(len(images), dtype=torch.bool)).bool().cpu()
-            predicted = module(images.to(device, non_blocking=True)).argmax(dim=-1).cpu()  # (B,)
+            predicted = module(images.to(device, dtype=dtype, non_blocking=True)).argmax(dim=-1).cpu()  # (B,)
             correct += count_hits(predicted, targets.cpu(), valid)
             total += valid.sum()
     finally:
