@@ -178,13 +178,15 @@ class Augment:
             if scale < 1:
                 image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
         factor = image.size[0] / full_width
-        with warnings.catch_warnings():  # read-only view of PIL's buffer; never written to
-            warnings.simplefilter("ignore", UserWarning)
-            pixels = torch.from_numpy(np.asarray(load_rgb(image)))  # (H, W, 3)
+        image = load_rgb(image)
         if factor != 1:
             top, left = int(top * factor), int(left * factor)
             height, width = max(1, round(height * factor)), max(1, round(width * factor))
-        crop = pixels[top:top + height, left:left + width].permute(2, 0, 1)  # (3, h, w) view
+        if (left, top, width, height) != (0, 0) + image.size:
+            image = image.crop((left, top, left + width, top + height))  # copy only the crop out of PIL
+        with warnings.catch_warnings():  # read-only array over PIL's bytes; never written to
+            warnings.simplefilter("ignore", UserWarning)
+            crop = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # (3, h, w) view
         if crop.shape[1:] == (self.image_size, self.image_size):
             return crop.contiguous()
         return resize(crop, [self.image_size, self.image_size], antialias=True)
