@@ -142,3 +142,16 @@ def test_data_benchmark_runs_both_pipelines_and_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())["sizes"]["imagenet"]
     assert result["baseline_images_per_second"] > 0 and result["vitscale_images_per_second"] > 0
     assert "torchvision ImageFolder" in capsys.readouterr().out
+
+
+def test_shards_write_by_bytes_is_deterministic(photo_folder, tmp_path):
+    root, _ = photo_folder
+    budget = 1_200_000
+    outputs = []
+    for run in ("one", "two"):
+        out = tmp_path / run
+        assert main(["shards", "write", str(root), str(out), "--max-bytes", str(budget), "--workers", "2"]) == 0
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))})
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 1
+    tar_blocking = 10240  # tar pads the archive end to 20 blocks of 512 bytes
+    assert all(len(data) <= budget + tar_blocking for data in outputs[0].values())
