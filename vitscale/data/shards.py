@@ -108,10 +108,14 @@ def shard_sample_counts(urls: list[str], configured_index: str = "") -> list[int
 
     A shard missing from disk counts 0 (the reader reports it as missing when it comes up).
     """
-    index = read_index(index_path_for(urls, configured_index))
+    indexes: dict[Path | None, dict[str, dict]] = {}
     counts = []
     for url in urls:
-        entry = index.get(shard_name(url))
+        # One index per shard directory (shards may come from several), unless one is configured.
+        where = index_path_for([url], configured_index)
+        if where not in indexes:
+            indexes[where] = read_index(where)
+        entry = indexes[where].get(shard_name(url))
         if entry is not None:
             counts.append(int(entry["samples"]))
         elif url.startswith("pipe:"):
