@@ -106,7 +106,13 @@ require_whole_number VITSCALE_NPROC_PER_NODE "$nproc"
 require_whole_number VITSCALE_NNODES "$nnodes"
 [ "$nproc" -ge 1 ] || die "VITSCALE_NPROC_PER_NODE must be at least 1"
 
-launcher=("$python" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts 0)
+# torchrun, made deaf to SIGUSR1: Slurm signals every process of a job step, and torchrun would
+# die of it (default action) before its workers save. Its children get the default back on exec.
+torchrun_ignoring_usr1='import runpy, signal, sys
+signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+sys.argv[0] = "torchrun"
+runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)'
+launcher=("$python" -c "$torchrun_ignoring_usr1" --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts 0)
 if [ -n "${VITSCALE_RDZV_ENDPOINT:-}" ]; then
   [[ $VITSCALE_RDZV_ENDPOINT =~ ^[A-Za-z0-9._-]+:[0-9]+$ ]] \
     || die "VITSCALE_RDZV_ENDPOINT must be host:port, got '$VITSCALE_RDZV_ENDPOINT'"

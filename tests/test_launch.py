@@ -94,7 +94,7 @@ def test_torchrun_passes_arguments_verbatim_and_runs_nothing(recorder, tmp_path)
     assert result.returncode == 0, result.stderr
     (call,) = calls()
     argv = call["argv"]
-    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert argv[0] == "-c" and 'run_module("torch.distributed.run"' in argv[1]  # torchrun, ignoring USR1
     assert argv[argv.index("--nproc-per-node") + 1] == "2" and "--standalone" in argv
     script_at = argv.index(str(REPO / "vitscale" / "train.py"))
     assert argv[script_at + 1:] == args
@@ -133,10 +133,10 @@ def test_torchrun_multinode_uses_c10d_rendezvous(recorder, tmp_path):
 
 FAKE_TORCHRUN = """#!{python}
 import os, signal, subprocess, sys, time
-# Stands in for python: as `-m torch.distributed.run ... --no-python CMD...` it starts CMD for ranks
+# Stands in for python: as `-c <torchrun> ... --no-python CMD...` it starts CMD for ranks
 # 0 and 1 and, like torchrun, exits 0 only if every rank did; as `train.py` it is a rank that
 # reports the signal it gets and exits with RANK_EXIT (the engine's 75: stopped after saving).
-if sys.argv[1:3] == ["-m", "torch.distributed.run"]:
+if sys.argv[1] == "-c" and "torch.distributed.run" in sys.argv[2]:
     command = sys.argv[sys.argv.index("--no-python") + 1:]
     ranks = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r))) for r in range(2)]
     sys.exit(0 if all(rank.wait() == 0 for rank in ranks) else 1)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -55,6 +56,15 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     if result.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed ({result.returncode}):\n"
                            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+def kill_leftovers(state: Path) -> None:
+    """Last resort when a `down` failed: SIGKILL the daemons whose PIDs the scripts saved."""
+    for pid_file in state.glob("*.bgpid"):
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        except (ValueError, ProcessLookupError, PermissionError):
+            pass
 
 
 def shared_temp_dir(prefix: str) -> Path:
@@ -127,8 +137,11 @@ def slurm_cluster():
         run_script("slurm.sh", "up", str(state), env=env, timeout=120)
         yield SlurmCluster(state)
     finally:
-        run_script("slurm.sh", "down", str(state), env=env, timeout=120)
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            run_script("slurm.sh", "down", str(state), env=env, timeout=120)
+        finally:
+            kill_leftovers(state)
+            shutil.rmtree(state, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,5 +201,8 @@ def prometheus_server():
         run_script("prometheus.sh", "up", str(state), env=env, timeout=120)
         yield PrometheusServer(state, port)
     finally:
-        run_script("prometheus.sh", "down", str(state), env=env, timeout=60)
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            run_script("prometheus.sh", "down", str(state), env=env, timeout=60)
+        finally:
+            kill_leftovers(state)
+            shutil.rmtree(state, ignore_errors=True)

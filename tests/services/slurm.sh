@@ -142,7 +142,7 @@ down() {
   # Jobs first, so no slurmstepd or training process outlives slurmd.
   if [ -f "$state/slurmctld.bgpid" ] && scontrol ping 2>/dev/null | grep -q 'is UP'; then
     local jobs
-    jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
+    jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ' || true)
     if [ -n "${jobs// /}" ]; then
       # shellcheck disable=SC2086  # job ids are digits from squeue
       scancel $jobs || true
@@ -153,7 +153,7 @@ down() {
     fi
     # Anything the job steps left behind on this node, by PID.
     local pids
-    pids=$(scontrol listpids 2>/dev/null | awk 'NR > 1 && $1 ~ /^[0-9]+$/ {print $1}' | tr '\n' ' ')
+    pids=$(scontrol listpids 2>/dev/null | awk 'NR > 1 && $1 ~ /^[0-9]+$/ {print $1}' | tr '\n' ' ' || true)
     # shellcheck disable=SC2086
     [ -n "${pids// /}" ] && kill -9 $pids 2>/dev/null || true
   fi

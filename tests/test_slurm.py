@@ -1,0 +1,103 @@
+"""`sbatch launch/pretrain_vit_h14.sh`, unmodified, on a real single-node Slurm (Debian's slurmctld,
+slurmd and munge on loopback, started by tests/services/slurm.sh).
+
+The tiny CPU job is chosen only through sbatch options and environment variables. It trains,
+gets SIGUSR1 the way Slurm's pre-emption warning arrives (`scancel --signal=USR1 --batch`),
+checkpoints and requeues itself; the requeued job resumes from that checkpoint and completes with
+a final checkpoint. The job name and a config value carry shell metacharacters throughout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import yaml
+
+from services.daemons import free_port, slurm_cluster
+from services.jobs import REPO, TINY_CONFIG, read_log, tiny_overrides, write_tiny_jft_shards
+from vitscale.engine.checkpoint import is_complete, latest_complete
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    with slurm_cluster() as cluster:
+        yield cluster
+
+
+def submit_tiny_job(slurm, tmp_path, job_name: str, hostile_value: str) -> str:
+    shards = write_tiny_jft_shards(tmp_path / "shards")
+    env = {"VITSCALE_CONFIG": TINY_CONFIG, "VITSCALE_PROCS_PER_NODE": "2",
+           "VITSCALE_OUTPUT_DIR": str(tmp_path / "runs"), "VITSCALE_LOG_DIR": str(tmp_path / "logs"),
+           "VITSCALE_PYTHON": sys.executable, "VITSCALE_METRICS_PORT": str(free_port(2))}
+    sbatch_options = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+                      f"--output={tmp_path}/slurm-%j.out", f"--job-name={job_name}"]
+    overrides = tiny_overrides(shards, tmp_path / "runs", STEPS, **{"metrics.advertise_host": hostile_value})
+    overrides = [item for item in overrides if not item.startswith(("run.output_dir=", "metrics.port="))]
+    return slurm.sbatch([*sbatch_options, "launch/pretrain_vit_h14.sh", *overrides], env=env, cwd=REPO)
+
+
+def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(slurm, tmp_path):
+    canary = tmp_path / "canary"
+    job_name = f"vit;touch {canary};$(touch {canary})'\"`touch {canary}`"
+    hostile_value = f"h;touch {canary};$(touch {canary})'\""
+    job = submit_tiny_job(slurm, tmp_path, job_name, hostile_value)
+    run_dir = tmp_path / "runs" / "vit_h14_jft_tiny"
+    output = tmp_path / f"slurm-{job}.out"
+
+    def diagnostics() -> str:
+        return (output.read_text()[-4000:] if output.exists() else "(no job output)") + "\n" + slurm.logs()
+
+    # 1. It trains under Slurm.
+    deadline = time.monotonic() + 180
+    while len(read_log(run_dir)) < 3:
+        info = slurm.job(job)
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{diagnostics()}"
+        assert time.monotonic() < deadline, f"no training steps logged\n{diagnostics()}"
+        time.sleep(0.3)
+    stored_name = slurm.command("squeue", "-h", "-j", job, "-O", "Name:1000").strip()
+    assert stored_name == job_name  # stored verbatim, never evaluated
+
+    # 2. The pre-emption warning: checkpoint, then the job requeues itself.
+    slurm.command("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait_for(job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 120,
+                          "requeued")
+    checkpoint = latest_complete(run_dir)
+    assert checkpoint is not None, diagnostics()
+    stopped_at = int(checkpoint.name.split("_")[-1])
+    assert 3 <= stopped_at < STEPS
+    assert max(line["step"] for line in read_log(run_dir)) == stopped_at
+
+    # 3. Requeued (Slurm holds it cred_expire + 1 s; start it now), it resumes from that checkpoint.
+    slurm.command("scontrol", "update", f"jobid={job}", "StartTime=now")
+    info = slurm.wait_until_finished(job, timeout=240)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{diagnostics()}"
+    text = output.read_text()
+    assert f"resumed from {checkpoint} at step {stopped_at}" in text
+    assert "job {} restart 0".format(job) in text and "job {} restart 1".format(job) in text
+    steps = [line["step"] for line in read_log(run_dir)]
+    assert steps == list(range(1, STEPS + 1))  # no step lost, none trained twice
+    final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    assert is_complete(final) and latest_complete(run_dir) == final
+
+    # Per-job, per-restart, per-rank logs.
+    for restart in (0, 1):
+        rank_logs = sorted(p.parent.name for p in (tmp_path / "logs" / f"restart{restart}").rglob("stdout.log"))
+        assert rank_logs == ["0", "1"], list((tmp_path / "logs").rglob("*"))
+
+    # Shell metacharacters in the job name and a config value ran nothing and arrived verbatim.
+    assert not canary.exists()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["metrics"]["advertise_host"] == hostile_value
+
+
+def test_no_job_process_outlives_its_job(slurm):
+    """After the job above, Slurm tracks no process of any job on the node."""
+    assert slurm.command("squeue", "-h") == ""
+    listed = slurm.command("scontrol", "listpids", check=False)
+    assert [line for line in listed.splitlines()[1:] if line.strip()] == []
