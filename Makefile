@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test bench
+.PHONY: setup setup-test services demo test bench
 
 setup:
 	scripts/setup.sh
@@ -12,10 +12,16 @@ setup:
 setup-test:
 	scripts/setup.sh test
 
+# Debian's slurmctld/slurmd/munge and prometheus for the launcher and metrics tests (root + apt;
+# a no-op when installed). The tests start and stop them on 127.0.0.1 themselves.
+services:
+	tests/services/slurm.sh install
+	tests/services/prometheus.sh install
+
 demo: setup
 	DS_ACCELERATOR=cpu $(PY) -m vitscale demo
 
-test: setup-test
+test: setup-test services
 	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -m pytest -x -q --durations=15 tests
 
 bench: setup
