@@ -179,9 +179,10 @@ class Augment:
                 image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
         factor = image.size[0] / full_width
         image = load_rgb(image)
-        if factor != 1:
-            top, left = int(top * factor), int(left * factor)
-            height, width = max(1, round(height * factor)), max(1, round(width * factor))
+        if factor != 1:  # reduced decode: PIL takes the crop box in fractional pixels, exactly
+            box = (left * factor, top * factor, (left + width) * factor, (top + height) * factor)
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR, box=box)
+            return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
         if (left, top, width, height) != (0, 0) + image.size:
             image = image.crop((left, top, left + width, top + height))  # copy only the crop out of PIL
         with warnings.catch_warnings():  # read-only array over PIL's bytes; never written to
