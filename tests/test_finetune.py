@@ -78,3 +78,84 @@ def test_pretraining_head_with_init_from_is_rejected(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(None, TINY + ["finetune.init_from=x.safetensors", "model.head=pretrain"])
     assert error.value.key == "model.head"
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the engine: pretrained at 16 px, fine-tuned at 32 px on the demo digits.
+
+SHAPE = ["model.name=B/16", "model.patch_size=4", "model.depth=2", "model.width=48", "model.mlp_dim=96",
+         "model.heads=4", "model.num_classes=10", "model.dropout=0.0"]
+
+
+def pretrain_on_digits(tmp_path):
+    """A small ViT trained at 16 px on the digits training split (plain loop: the point of the test
+    is what fine-tuning does with it), saved as exported weights."""
+    from vitscale.data.datasets import digits_arrays, digits_split
+
+    config = load_config(None, SHAPE + ["model.image_size=16", "model.representation_size=48", "engine.precision=fp32"])
+    images, labels = digits_arrays(16)
+    train, _ = digits_split(labels)
+    x = torch.from_numpy(images[train]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 16, 16) in [-1, 1]
+    y = torch.from_numpy(labels[train])
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    for step in range(150):
+        batch = torch.randint(0, len(x), (64,))
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return save_weights(tmp_path / "digits16.safetensors", model.state_dict(), config)
+
+
+def run_engine(tmp_path, name, *overrides):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vitscale.data.datasets import write_digits_shards
+
+    shards = tmp_path / "digits"
+    if not shards.exists():
+        write_digits_shards(shards, image_size=32)
+    args = [sys.executable, "-m", "vitscale", "train", "--config", "configs/finetune_b16_384_tiny.yaml", *SHAPE,
+            f"data.train_shards={shards}/train-{{000000..000005}}.tar",
+            f"data.eval_shards={shards}/eval-{{000000..000001}}.tar", "data.crop_scale=[0.6,1.0]", "data.hflip=false",
+            "data.num_workers=1", "metrics.port=0", f"run.output_dir={tmp_path}", f"run.name={name}", "run.steps=30",
+            "run.log_every=1", "engine.micro_batch_size=32", "engine.global_batch_size=32", "engine.eval_every=0",
+            "optim.lr=0.01", "model.image_size=32", *overrides]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    top1 = [r["eval"]["top1"] for r in records if "eval" in r][-1]
+    return losses, top1
+
+
+@pytest.mark.slow
+def test_finetuning_at_new_resolution_improves_on_digits(tmp_path):
+    import math
+
+    from vitscale.engine.checkpoint import latest_complete, safe_torch_load
+
+    weights = pretrain_on_digits(tmp_path)
+    losses, top1 = run_engine(tmp_path, "finetuned", f"finetune.init_from={weights}")
+    _, scratch_top1 = run_engine(tmp_path, "scratch", "finetune.init_from=null")
+    print(f"fine-tuned: loss {losses[0]:.4f} -> {sum(losses[-5:]) / 5:.4f}, top1 {top1:.3f}; "
+          f"from scratch, same recipe: top1 {scratch_top1:.3f}")
+    assert abs(losses[0] - math.log(10)) < 1e-3       # zero head: uniform predictions at step 1
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.3
+    assert top1 > 0.35 and top1 > scratch_top1 + 0.2   # measured: 0.51 vs 0.09 (chance 0.10)
+    # The run's checkpoint holds the resampled 8x8 grid and the new head, no pre-logits.
+    state = safe_torch_load(latest_complete(tmp_path / "finetuned") / "mp_rank_00_model_states.pt")["module"]
+    assert state["pos_embed.weight"].shape == (1, 1 + 64, 48)
+    assert state["head.weight"].shape == (10, 48) and not any(k.startswith("pre_logits") for k in state)
+    # ... and is itself a starting point: on to 48 px from the checkpoint directory.
+    config = load_config(None, TINY + SHAPE + ["model.image_size=48", "model.head=finetune",
+                                               f"finetune.init_from={tmp_path / 'finetuned'}"])
+    model = build_finetune_model(config)
+    assert model.pos_embed.weight.shape == (1, 1 + 144, 48) and not model.head.weight.any()
