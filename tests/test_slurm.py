@@ -17,6 +17,7 @@ import yaml
 
 from services.daemons import free_port, slurm_cluster
 from services.jobs import REPO, TINY_CONFIG, read_log, tiny_overrides, write_tiny_jft_shards
+from vitscale.cli import main as vitscale_main
 from vitscale.engine.checkpoint import is_complete, latest_complete
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -84,6 +85,10 @@ def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(slurm, tmp_path)
     assert steps == list(range(1, STEPS + 1))  # no step lost, none trained twice
     final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     assert is_complete(final) and latest_complete(run_dir) == final
+
+    # The run's own log renders (`vitscale report`): CPU runs log no MFU, so no MFU plot.
+    assert vitscale_main(["report", str(run_dir)]) == 0
+    assert sorted(p.name for p in (run_dir / "report").iterdir()) == ["loss.png", "lr.png", "throughput.png"]
 
     # Per-job, per-restart, per-rank logs.
     for restart in (0, 1):

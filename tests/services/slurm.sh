@@ -124,17 +124,22 @@ up() {
   return 1
 }
 
-stop_pid_file() {
-  local file=$1 pid
-  [ -f "$file" ] || return 0
-  pid=$(cat "$file")
-  kill "$pid" 2>/dev/null || true
+stop_daemons() {
+  # SIGTERM to all at once (each takes ~2 s to save state and exit), then wait; SIGKILL after 10 s.
+  local file pid pids=()
+  for file in "$@"; do
+    [ -f "$file" ] || continue
+    pid=$(cat "$file")
+    kill "$pid" 2>/dev/null && pids+=("$pid")
+    rm -f "$file"
+  done
   for _ in $(seq 100); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$file"; return 0; }
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && return 0
     sleep 0.1
   done
-  kill -9 "$pid" 2>/dev/null || true
-  rm -f "$file"
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
 }
 
 down() {
@@ -157,9 +162,7 @@ down() {
     # shellcheck disable=SC2086
     [ -n "${pids// /}" ] && kill -9 $pids 2>/dev/null || true
   fi
-  stop_pid_file "$state/slurmd.bgpid"
-  stop_pid_file "$state/slurmctld.bgpid"
-  stop_pid_file "$state/munged.bgpid"
+  stop_daemons "$state/slurmd.bgpid" "$state/slurmctld.bgpid" "$state/munged.bgpid"
 }
 
 case "$action" in
