@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from vitscale.data.datasets import digits_arrays, write_digits_shards
@@ -51,4 +50,4 @@ def digits_pixels():
     return digits_arrays(32)
 
 
-__all__ = ["uneven_shards", "digits_shards", "digits_pixels", "np"]
+__all__ = ["uneven_shards", "digits_shards", "digits_pixels", "digit_records", "write_uneven_shards"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -40,7 +39,7 @@ def test_random_resized_crop_matches_torchvision(fast_decode):
     data = photo_jpeg(1280, 854)
     augment = Augment(96, train=True, fast_decode=fast_decode)
     errors = []
-    for seed in range(12):
+    for seed in range(8):
         ours = augment(data, seed).to(torch.int16)
         reference = torchvision_reference(data, seed, 96).to(torch.int16)
         assert ours.shape == reference.shape == (3, 96, 96)

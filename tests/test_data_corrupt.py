@@ -4,14 +4,12 @@ sample still arrives once, the ledger names the keys, and strict mode stops nami
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from data_fixtures import digit_records
 from vitscale.data import DataConfig, build_train_loader

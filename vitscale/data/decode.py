@@ -49,9 +49,15 @@ def load_class_map(path: str) -> dict[str, int] | None:
         raise DataError(f"class map {path} not found (set data.class_map to an existing file)")
     text = file.read_text()
     if file.suffix == ".json":
-        data = json.loads(text)
-        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {str(n): i for i, n in enumerate(data)}
-    return {line.strip(): i for i, line in enumerate(l for l in text.splitlines() if l.strip())}
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict):
+                return {str(name): int(class_id) for name, class_id in data.items()}
+            return {str(name): class_id for class_id, name in enumerate(data)}
+        except (ValueError, TypeError) as error:
+            raise DataError(f"class map {path} is not a JSON list of names or {{name: id}} ({error})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    return {name: class_id for class_id, name in enumerate(names)}
 
 
 # ---------------------------------------------------------------------------------------------

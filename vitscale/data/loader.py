@@ -229,7 +229,8 @@ class ReaderRun:
         images = normalize(images, self.spec.mean, self.spec.std)
         spec = self.spec
         if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:
-            rng = np.random.default_rng([spec.seed, self.plan.epoch, self.plan.segment, spec.rank, batch_index, 0x313])
+            key = [spec.seed, self.plan.epoch, self.plan.segment, self.reader.start, batch_index, 0x313]
+            rng = np.random.default_rng(key)
             images, targets = mix_batch(images, targets, num_classes=spec.labels.num_classes,
                                         mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha, rng=rng)
         return Batch(images, targets, torch.tensor([e[2] for e in entries]), [e[3] for e in entries],
