@@ -171,6 +171,11 @@ class TrainingMetrics:
         missing = [rank for rank, target in enumerate(targets) if not target]
         if missing:
             log.warning("metrics: ranks %s serve no /metrics; file_sd lists the other %d", missing, len(live))
+        if len(set(live)) < len(live):
+            # Ranks on different nodes bound to loopback all read 127.0.0.1:PORT.
+            log.warning("metrics: ranks on several nodes advertise the same address; set metrics.address="
+                        "0.0.0.0 (or metrics.advertise_host) so a cluster Prometheus can reach every node")
+            live = sorted(set(live))
         self.target_file = file_sd.target_file_path(self.config.file_sd_dir, self.job_id, self.run_dir.name)
         labels = {"vitscale_run": self.run_dir.name, "vitscale_world_size": str(self.world_size)}
         file_sd.write_target_file(self.target_file, file_sd.target_groups(live, labels))
