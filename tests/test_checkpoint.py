@@ -98,8 +98,18 @@ T = 4
 
 def test_kill_9_and_resume_is_bitwise_identical(tmp_path, engine_digits):
     straight = tmp_path / "straight"
-    run_job(tiny_args(straight, engine_digits, f"run.steps={2 * T}", f"engine.checkpoint_every={T}"),
-            tmp_path / "logs_straight")
+    # The straight run also evaluates on the held-out shards (at step T and at the end).
+    job = run_job(tiny_args(straight, engine_digits, f"run.steps={2 * T}", f"engine.checkpoint_every={T}",
+                            f"engine.eval_every={T}", eval_shards=True), tmp_path / "logs_straight")
+    evals = [r for r in read_log(straight) if "eval" in r]
+    assert [r["step"] for r in evals] == [T, 2 * T]
+    # Every one of the 360 held-out digits counted exactly once over both ranks (padding excluded).
+    assert all(r["eval"]["samples"] == 360 and 0 <= r["eval"]["top1"] <= 1 for r in evals), evals
+    progress = [line for line in job.output(0).splitlines() if line.startswith(f"step {2 * T}/{2 * T} |")]
+    assert progress and "images/s" in progress[0] and "ETA" in progress[0], job.output(0)
+    record = [r for r in read_log(straight) if r.get("step") == 2 * T and "loss" in r][0]
+    assert set(record) >= {"step", "loss", "lr", "grad_norm", "images_per_second", "tokens_per_second", "mfu",
+                           "elapsed_seconds"}
 
     resumed = tmp_path / "resumed"
     args = tiny_args(resumed, engine_digits, f"run.steps={2 * T}", f"engine.checkpoint_every={T}")
@@ -113,7 +123,7 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path, engine_digits):
 
     straight_losses, resumed_losses = step_losses(straight), step_losses(resumed)
     assert sorted(resumed_losses) == list(range(1, 2 * T + 1))
-    assert resumed_losses == straight_losses  # bitwise: same floats in the log
+    assert resumed_losses == straight_losses  # bitwise: the same floats in the log
     final_a = module_state(ckpt.checkpoint_dir(straight, 2 * T))
     final_b = module_state(ckpt.checkpoint_dir(resumed, 2 * T))
     assert final_a.keys() == final_b.keys()
@@ -129,39 +139,29 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path, engine_digits):
             assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
 
 
-def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, engine_digits):
+def test_full_disk_and_kill_during_write_leave_previous_checkpoint_loadable(tmp_path, engine_digits):
+    """Step 4's save hits a full disk on rank 1 only (rank 0's files are written): reported, not
+    marked complete, training goes on. Step 6's save is cut by kill -9 of rank 1 mid-write.
+    The resume must pick step 2, the last checkpoint every rank finished."""
     run_dir = tmp_path / "run"
-    args = tiny_args(run_dir, engine_digits, "run.steps=6", "engine.checkpoint_every=2",
+    args = tiny_args(run_dir, engine_digits, "run.steps=8", "engine.checkpoint_every=2",
                      "engine.collective_timeout_seconds=20")
-    job = run_job(args, tmp_path / "logs_killed", expect=None, timeout=120,
-                  env={"VITSCALE_INJECT_FAULT": "kill@point=checkpoint_write,step=4,rank=1"})
-    assert job.codes[1] == -9 and job.codes[0] != 0, job.output()
-    partial = ckpt.checkpoint_dir(run_dir, 4)
-    assert partial.is_dir() and not ckpt.is_complete(partial)
-    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 2)
-
-    job = run_job(args, tmp_path / "logs_resume")
-    assert f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2" in job.output(0)
-    assert ckpt.is_complete(partial)  # re-saved whole this time
-    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 6)
-
-
-def test_full_disk_during_save_is_reported_and_previous_checkpoint_loads(tmp_path, engine_digits):
-    run_dir = tmp_path / "run"
-    args = tiny_args(run_dir, engine_digits, "run.steps=4", "engine.checkpoint_every=2")
-    # Only rank 1's disk fills up, during the final save: rank 0's files of step 4 are written
-    # but the checkpoint must not count as complete.
-    job = run_job(args, tmp_path / "logs_full", expect=5,
-                  env={"VITSCALE_INJECT_FAULT": "disk_full@point=checkpoint_write,step=4,rank=1"})
+    faults = "disk_full@point=checkpoint_write,step=4,rank=1;kill@point=checkpoint_write,step=6,rank=1"
+    job = run_job(args, tmp_path / "logs_faults", expect=None, timeout=150, env={"VITSCALE_INJECT_FAULT": faults},
+                  stop_on_first_failure=True)
+    assert job.codes[1] == -9, job.output()
     assert "No space left on device" in job.stderr(1)
-    assert "checkpoint FAILED" in job.output(0)
+    assert "step 4: checkpoint FAILED" in job.output(0)
+    assert [(r["step"], r["checkpoint_ok"]) for r in read_log(run_dir) if "checkpoint_ok" in r] == \
+        [(2, True), (4, False)]
+    assert not ckpt.checkpoint_dir(run_dir, 4).exists()  # the failed save's files were removed
+    interrupted = ckpt.checkpoint_dir(run_dir, 6)
+    assert interrupted.is_dir() and not ckpt.is_complete(interrupted)
     assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 2)
-    assert not ckpt.checkpoint_dir(run_dir, 4).exists()
-    records = [r for r in read_log(run_dir) if "checkpoint_ok" in r]
-    assert [(r["step"], r["checkpoint_ok"]) for r in records] == [(2, True), (4, False)]
 
     job = run_job(args, tmp_path / "logs_resume")
     assert f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2" in job.output(0)
-    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 4)
-    trainer = json.loads((ckpt.checkpoint_dir(run_dir, 4) / "trainer.json").read_text())
-    assert trainer["step"] == 4
+    assert ckpt.is_complete(interrupted)  # saved whole this time
+    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 8)
+    trainer = json.loads((ckpt.checkpoint_dir(run_dir, 8) / "trainer.json").read_text())
+    assert trainer["step"] == 8 and trainer["world_size"] == 2

@@ -72,16 +72,21 @@ class Ranks:
             self.procs.append(subprocess.Popen([sys.executable, str(script), *args], env=rank_env, stdout=out,
                                                stderr=err, cwd=REPO))
 
-    def wait(self, timeout: float = 240) -> list[int]:
+    def wait(self, timeout: float = 240, stop_on_first_failure: bool = False) -> list[int]:
+        """Exit codes; with stop_on_first_failure, a rank that dies makes the others get
+        SIGKILL after 3 s, as torchrun's agent does."""
         deadline = time.monotonic() + timeout
-        codes = []
-        for proc in self.procs:
-            try:
-                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
+        failed_at = None
+        while any(proc.poll() is None for proc in self.procs):
+            if time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"job did not end within {timeout} s:\n{self.output()}")
-        return codes
+            if stop_on_first_failure and failed_at is None and any(p.poll() not in (None, 0) for p in self.procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 3:
+                self.kill()
+            time.sleep(0.05)
+        return [proc.returncode for proc in self.procs]
 
     def kill(self) -> None:
         for proc in self.procs:
@@ -104,9 +109,9 @@ class Ranks:
 
 
 def run_job(args: list[str], logs: Path, *, world_size: int = 2, timeout: float = 240, expect: int | None = 0,
-            **kwargs) -> Ranks:
+            stop_on_first_failure: bool = False, **kwargs) -> Ranks:
     job = Ranks(args, world_size=world_size, logs=logs, **kwargs)
-    codes = job.wait(timeout)
+    codes = job.wait(timeout, stop_on_first_failure)
     if expect is not None:
         assert codes == [expect] * world_size, f"exit codes {codes}\n{job.output()}"
     job.codes = codes

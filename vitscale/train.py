@@ -23,6 +23,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from torch import nn
 from vitscale.config import Config, add_config_arguments, load_config, save_config
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine import faults
-from vitscale.engine.ds_config import deepspeed_config, read_ds_json, resolve_zero_stage
+from vitscale.engine.ds_config import deepspeed_config, fill_bucket_sizes, read_ds_json, resolve_zero_stage
 from vitscale.engine.objectives import build_objective
 from vitscale.engine.optim import build_optimizer, learning_rate, set_learning_rate
 from vitscale.errors import CheckpointError, ConfigError, DataError, VitscaleError
@@ -225,6 +226,7 @@ def build_engine(config: Config, model: nn.Module, ds: dict[str, Any]):
     import deepspeed
 
     optimizer = build_optimizer(config.optim, model)
+    ds = fill_bucket_sizes(ds, sum(p.numel() for p in model.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     engine.checkpoint_engine = ckpt.build_checkpoint_engine(engine._config)
     optimizer.nonfinite_check = _any_rank
@@ -295,8 +297,17 @@ class Trainer:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.is_main:
-            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.write(json.dumps(_finite_or_null(record)) + "\n")
             self.log_file.flush()
+
+
+def _finite_or_null(value: Any) -> Any:
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    return value
 
 
 @dataclass
@@ -319,7 +330,7 @@ def train_step(t: Trainer) -> StepResult:
     engine, config = t.engine, t.config
     set_learning_rate(engine.optimizer, learning_rate(t.state.step, config))
     losses, data_wait = [], 0.0
-    for _ in range(t.accumulation):
+    for index in range(t.accumulation):
         started = time.perf_counter()
         images, targets = next(t.batches)
         data_wait += time.perf_counter() - started
@@ -327,12 +338,13 @@ def train_step(t: Trainer) -> StepResult:
         targets = targets.to(t.device, non_blocking=True)
         loss = micro_batch_backward(t, images, targets)
         losses.append(loss.detach().float())
-    step_loss = torch.stack(losses)
-    # The guard inside optimizer.step() skips the update on every rank if any rank saw a
-    # non-finite loss or holds a non-finite gradient (it all-reduces the flag).
-    t.optimizer.skip_next = not bool(torch.isfinite(step_loss).all())
-    t.optimizer.last_step_skipped = None
-    engine.step()
+        if index == t.accumulation - 1:
+            # The guard inside optimizer.step() skips the update on every rank if any rank saw
+            # a non-finite loss or holds a non-finite gradient (it all-reduces the flag).
+            step_loss = torch.stack(losses)
+            t.optimizer.skip_next = not bool(torch.isfinite(step_loss).all())
+            t.optimizer.last_step_skipped = None
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
     guard_result = t.optimizer.last_step_skipped
     # None: DeepSpeed itself skipped the update (its overflow check), on every rank alike.
     skipped = True if guard_result is None else guard_result
@@ -705,7 +717,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitscale/train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    # Intermixed: `--config a.yaml optim.lr=1e-3 --ds_config z.json model.name=L/16` is fine too.
+    return run(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def deepspeed_config(config: Any, world_size: int, ds_json: dict[str, Any] | Non
     if zero["stage"] not in (0, 1, 2, 3):
         raise ConfigError("engine.ds_config", f"zero_optimization.stage {zero['stage']!r} is not a ZeRO stage",
                           "use 0, 1, 2 or 3")
+    for key in BUCKET_KEYS if zero["stage"] == 3 else BUCKET_KEYS[:2]:
+        zero.setdefault(key, AUTO)  # sized from the model by fill_bucket_sizes
     for precision in ("bf16", "fp16"):
         section = ds.setdefault(precision, {})
         _fill(section, "enabled", engine.precision == precision, f"engine.precision == {precision}",
@@ -100,6 +102,21 @@ def deepspeed_config(config: Any, world_size: int, ds_json: dict[str, Any] | Non
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**12)  # the engine prints its own progress lines
     ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+# ZeRO communication buckets: DeepSpeed allocates them whole, so a bucket larger than the model
+# only costs memory and time (a 5e8-element fp32 bucket is 2 GB zeroed every step).
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+MAX_BUCKET_ELEMENTS = 500_000_000
+
+
+def fill_bucket_sizes(ds: dict[str, Any], num_parameters: int) -> dict[str, Any]:
+    """Replace "auto" bucket sizes with min(5e8, the model's parameter count)."""
+    zero = ds.get("zero_optimization", {})
+    for key in BUCKET_KEYS:
+        if zero.get(key) == AUTO:
+            zero[key] = int(min(MAX_BUCKET_ELEMENTS, max(num_parameters, 1)))
     return ds
 
 
