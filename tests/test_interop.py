@@ -261,6 +261,27 @@ def test_npz_with_pre_logits_and_scanned_blocks_and_prefix(tmp_path):
         assert max_diff(back.eval()(images()), model(images())) <= TOLERANCE
 
 
+def test_sincos_matches_big_vision_and_converts_with_flags(tmp_path):
+    from vitscale.model.posemb import sincos_2d
+
+    # big_vision's posemb_sincos_2d (MoCo v3), transcribed in numpy as the reference.
+    grid, width = 4, 64
+    y, x = np.mgrid[:grid, :grid]
+    omega = 1.0 / 10_000.0 ** (np.arange(width // 4) / (width // 4 - 1))
+    y, x = np.einsum("m,d->md", y.flatten(), omega), np.einsum("m,d->md", x.flatten(), omega)
+    reference = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    assert np.allclose(sincos_2d(grid, width, 0)[0].numpy(), reference, atol=1e-6)
+
+    model, config = vitscale_model(mlp_activation="gelu_tanh", pos_embed="sincos_2d", classifier="gap")
+    path = write_npz(tmp_path / "sincos.npz", vitscale_to_npz(model.state_dict(), config.model, "big_vision"))
+    with pytest.raises(CheckpointError, match=r"does not record model\.(pos_embed|image_size)"):
+        convert(path, tmp_path / "back.safetensors")
+    convert(path, tmp_path / "back.safetensors", overrides=["model.pos_embed=sincos_2d", "model.image_size=32"])
+    back, _ = load_model(tmp_path / "back.safetensors")
+    with torch.no_grad():
+        assert max_diff(back.eval()(images()), model(images())) <= TOLERANCE
+
+
 def test_cli_writes_npz(tmp_path):
     model, config = vitscale_model(mlp_activation="gelu_tanh")
     source = save_weights(tmp_path / "w.safetensors", model.state_dict(), config)

@@ -90,7 +90,7 @@ def npz_to_vitscale(arrays: dict[str, np.ndarray], source: str = ".npz") -> Impo
         out["pos_embed.weight"] = posemb
         fields.update(image_size=grid * patch, pos_embed="learned_1d")
     else:
-        why = "no position embedding is stored (fixed sin-cos or none)"
+        why = "no position embedding is stored (big_vision's fixed sincos2d: model.pos_embed=sincos_2d, or none)"
         unknown.update(pos_embed=why, image_size=why)
 
     names = LAYOUTS[layout]
@@ -229,9 +229,11 @@ def _check_exportable(model_config, layout: str) -> None:
     if model_config.norm_position != "pre":
         raise CheckpointError("model.norm_position=post cannot be written as a Google .npz (its ViT is pre-LN); "
                               "export to vitscale safetensors instead")
-    if model_config.pos_embed not in ("learned_1d", "none"):
+    if model_config.pos_embed not in ("learned_1d", "none", "sincos_2d"):
         raise CheckpointError(f"model.pos_embed={model_config.pos_embed} has no Google .npz counterpart; "
                               "export to vitscale safetensors instead")
+    if model_config.pos_embed == "sincos_2d" and layout != "big_vision":
+        raise CheckpointError("model.pos_embed=sincos_2d exists only in the big_vision layout; pass --layout big_vision")
     if model_config.classifier == "map" and layout != "big_vision":
         raise CheckpointError("model.classifier=map exists only in the big_vision layout; pass --layout big_vision")
 

@@ -64,7 +64,8 @@ class SinCosPositionEmbedding2D(nn.Module):
 def sincos_2d(grid: int, width: int, extra_tokens: int, temperature: float = 10_000.0) -> torch.Tensor:
     y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
                           indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    # big_vision's (MoCo v3) frequencies, 1 down to 1/temperature, so its checkpoints convert exactly.
+    omega = 1.0 / temperature ** (torch.arange(width // 4, dtype=torch.float32) / max(width // 4 - 1, 1))
     y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
     table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
     return torch.cat([torch.zeros(extra_tokens, width), table])[None]
