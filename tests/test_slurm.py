@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -106,3 +107,28 @@ def test_no_job_process_outlives_its_job(slurm):
     assert slurm.command("squeue", "-h") == ""
     listed = slurm.command("scontrol", "listpids", check=False)
     assert [line for line in listed.splitlines()[1:] if line.strip()] == []
+
+
+def test_teardown_cancels_running_jobs_and_leaves_no_process(tmp_path):
+    with slurm_cluster() as cluster:
+        job = cluster.sbatch(["--wrap", "sleep 300", f"--output={tmp_path}/sleep-%j.out"])
+        cluster.wait_for(job, lambda info: info.get("JobState") == "RUNNING", 60, "running")
+        deadline = time.monotonic() + 30
+        pids: list[int] = []
+        while not pids and time.monotonic() < deadline:
+            listed = cluster.command("scontrol", "listpids", job, check=False).splitlines()[1:]
+            pids = [int(line.split()[0]) for line in listed if line.split() and line.split()[0].isdigit()]
+            time.sleep(0.2)
+        assert pids
+        daemon_pids = [int(p.read_text()) for p in cluster.state.glob("*.bgpid")]
+        assert len(daemon_pids) == 3
+    for pid in pids + daemon_pids:
+        assert not process_alive(pid), pid
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited (its parent reaps it)

@@ -33,7 +33,7 @@ def advertised_host(bind_address: str, advertise_host: str | None) -> str:
     if advertise_host:
         return advertise_host
     if bind_address in WILDCARD_ADDRESSES:
-        return socket.getfqdn()
+        return socket.gethostname()  # getfqdn may wait on DNS
     return bind_address
 
 
