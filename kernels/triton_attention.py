@@ -89,7 +89,8 @@ def _bwd_configs():
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles longer than the sequence (pure padding) and big tiles for big head dims
     (they spill registers); keep at least one config."""
-    n_q, n_kv, head_dim = named_args["N_Q"], named_args["N_KV"], named_args["HEAD_DIM"]
+    n_q, n_kv = named_args["N_Q"], named_args["N_KV"]
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))  # constexprs come as keywords
     limit_q, limit_kv = max(16, triton.next_power_of_2(n_q)), max(16, triton.next_power_of_2(n_kv))
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= limit_q and c.kwargs["BLOCK_N"] <= limit_kv

@@ -121,3 +121,12 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(fa, "INTERPRETING", False)
     with pytest.raises(fa.UnsupportedAttentionInput, match="needs a CUDA GPU"):
         fa.check_inputs(*[torch.zeros(1, 1, 4, 32)] * 3)
+
+
+def test_autotune_space_is_pruned_for_short_sequences():
+    """Tiles longer than the sequence are pure padding; big tiles are dropped for big head dims."""
+    short = fa._prune_configs(fa._bwd_configs(), {"N_Q": 17, "N_KV": 17}, HEAD_DIM=64)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in short} == {(32, 32)}
+    vit_h = fa._prune_configs(fa._fwd_configs(), {"N_Q": 257, "N_KV": 257}, HEAD_DIM=80)
+    assert vit_h and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in vit_h)
+    assert len(fa._prune_configs(fa._fwd_configs(), {"N_Q": 577, "N_KV": 577}, HEAD_DIM=64)) == len(fa._fwd_configs())
