@@ -113,18 +113,18 @@ printf '\n'
 # srun passes every SLURM_* variable on; its own task layout must not follow the batch options.
 srun_args=(--nodes "$nodes" --ntasks "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_args+=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
-srun "${srun_args[@]}" "$repo/launch/torchrun.sh" "${train_args[@]}" &
-srun_pid=$!
-
+srun_pid=""
 stop_forwarded=0
 forward() {
   # srun relays the signal to its task on every node: launch/torchrun.sh, which signals the ranks.
   echo "pretrain_vit_h14.sh: SIG$1 received: forwarding to the training processes" >&2
   stop_forwarded=1
-  kill -s "$1" "$srun_pid" 2>/dev/null || true
+  [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null || true
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
+srun "${srun_args[@]}" "$repo/launch/torchrun.sh" "${train_args[@]}" &
+srun_pid=$!
 
 # `wait` returns early whenever a trapped signal arrives; keep waiting until srun is gone.
 while kill -0 "$srun_pid" 2>/dev/null; do

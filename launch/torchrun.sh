@@ -13,7 +13,6 @@
 #   VITSCALE_RDZV_ID         rendezvous id, the same on every node (e.g. the Slurm job id)
 #   VITSCALE_LOG_DIR         per-rank stdout/stderr files (torchrun --log-dir), also shown here
 #   VITSCALE_PYTHON          interpreter (default: the repository's .venv, else python3)
-#
 #   VITSCALE_STOPPED_EXIT_CODE  exit status when the ranks stopped on request after saving (75)
 #
 # SIGUSR1 and SIGTERM sent to this script go to every training process, which agree on a step,
@@ -27,10 +26,11 @@ EXIT_STOPPED=75  # vitscale/engine/faults.py: stopped on request after saving a 
 
 run_rank() {
   # torchrun's worker: `torchrun.sh --rank PYTHON train.py ARGS...`.
+  local child="" code=0
+  trap '[ -n "$child" ] && kill -s USR1 "$child" 2>/dev/null || true' USR1
+  trap '[ -n "$child" ] && kill -s TERM "$child" 2>/dev/null || true' TERM
   "$@" &
-  local child=$! code=0
-  trap 'kill -s USR1 "$child" 2>/dev/null || true' USR1
-  trap 'kill -s TERM "$child" 2>/dev/null || true' TERM
+  child=$!
   while kill -0 "$child" 2>/dev/null; do
     wait "$child" || true
   done
@@ -134,11 +134,10 @@ export VITSCALE_RANK_STATUS_DIR
 trap 'rm -rf -- "$VITSCALE_RANK_STATUS_DIR"' EXIT
 
 echo "launch/torchrun.sh: $(hostname): $nproc process(es) x $nnodes node(s), $( [ "$gpus" = 0 ] && echo CPU || echo "$gpus GPU(s)" )"
-"${launcher[@]}" --no-python "$repo/launch/torchrun.sh" --rank "$python" "$repo/vitscale/train.py" "$@" &
-torchrun_pid=$!
-
+torchrun_pid=""
 forward_to_workers() {
   local signal=$1 pids
+  [ -n "$torchrun_pid" ] || return 0
   pids=$(child_pids "$torchrun_pid")  # the --rank wrappers; they relay to the ranks
   echo "launch/torchrun.sh: SIG$signal -> training processes" >&2
   # shellcheck disable=SC2086  # PIDs from /proc: digits only
@@ -146,6 +145,8 @@ forward_to_workers() {
 }
 trap 'forward_to_workers USR1' USR1
 trap 'forward_to_workers TERM' TERM
+"${launcher[@]}" --no-python "$repo/launch/torchrun.sh" --rank "$python" "$repo/vitscale/train.py" "$@" &
+torchrun_pid=$!
 
 # `wait` returns early whenever a trapped signal arrives; keep waiting until torchrun is gone.
 while kill -0 "$torchrun_pid" 2>/dev/null; do

