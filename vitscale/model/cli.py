@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from vitscale.config import add_config_arguments, config_from_args
+from vitscale.model.flops import forward_flops_per_image, training_flops_per_image
 from vitscale.model.vit import build_model, count_parameters
 
 
@@ -23,4 +24,6 @@ def run(args) -> int:
     print(f"model {config.model.name} at {shape.image_size}px: depth {shape.depth}, width {shape.width}, "
           f"MLP {shape.mlp_dim}, heads {shape.heads} (head dim {shape.head_dim}), {tokens} tokens")
     print(f"parameters: {total / 1e6:.2f}M total, {backbone / 1e6:.2f}M without the classification head")
+    print(f"FLOPs per image: {forward_flops_per_image(config.model) / 1e9:.2f} G forward, "
+          f"{training_flops_per_image(config.model) / 1e9:.2f} G training (fwd + bwd)")
     return 0
