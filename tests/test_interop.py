@@ -282,6 +282,17 @@ def test_sincos_matches_big_vision_and_converts_with_flags(tmp_path):
         assert max_diff(back.eval()(images()), model(images())) <= TOLERANCE
 
 
+def test_npz_bfloat16_arrays_are_widened(tmp_path):
+    model, config = vitscale_model(mlp_activation="gelu_tanh")
+    arrays = vitscale_to_npz(model.state_dict(), config.model, "vision_transformer")
+    # numpy has no bfloat16: such checkpoints hold the top 16 bits of each float32 as 2-byte voids.
+    stored = {k: (v.view(np.uint32) >> 16).astype(np.uint16).view(np.dtype("V2")) for k, v in arrays.items()}
+    imported = npz_to_vitscale(read_npz(write_npz(tmp_path / "bf16.npz", stored)))
+    truncated = (arrays["head/kernel"].view(np.uint32) & 0xFFFF0000).view(np.float32)
+    assert np.array_equal(imported.state_dict["head.weight"].numpy(), truncated.T)
+    assert imported.state_dict["head.weight"].dtype == torch.float32
+
+
 def test_cli_writes_npz(tmp_path):
     model, config = vitscale_model(mlp_activation="gelu_tanh")
     source = save_weights(tmp_path / "w.safetensors", model.state_dict(), config)

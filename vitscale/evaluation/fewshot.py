@@ -79,17 +79,18 @@ def ridge_solve(x: torch.Tensor, y: torch.Tensor, l2_reg: float) -> torch.Tensor
 
 
 def choose_l2_reg(x: torch.Tensor, y: torch.Tensor, grid: Sequence[float] = L2_GRID) -> float:
-    """The grid value with the best leave-one-out accuracy on the few-shot set, from the ridge
-    hat matrix H: the held-out prediction of row i is (H y)_i - H_ii (y_i - (H y)_i) / (1 - H_ii).
-    Ties go to the stronger regulariser."""
-    n = x.shape[0]
-    gram = x @ x.T  # (n, n)
+    """The grid value with the best leave-one-out accuracy on the few-shot set. With the thin SVD
+    x = U S V^T the ridge hat matrix is H = U diag(s^2 / (s^2 + l2)) U^T, so every grid value
+    costs O(n r K) (r = min(n, D)) and no n x n matrix is formed; the held-out prediction of row
+    i is (H y)_i - H_ii (y_i - (H y)_i) / (1 - H_ii). Ties go to the stronger regulariser."""
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)  # u (n, r), s (r,)
+    projected = u.T @ y  # (r, K)
     truth = y.argmax(dim=1)
     best, best_accuracy = grid[-1], -1.0
     for l2_reg in sorted(grid, reverse=True):
-        hat = gram @ torch.linalg.inv(gram + l2_reg * torch.eye(n, dtype=x.dtype))
-        fitted = hat @ y
-        leverage = hat.diagonal().clamp(max=1 - 1e-9)[:, None]
+        shrink = s ** 2 / (s ** 2 + l2_reg)  # (r,)
+        fitted = u @ (shrink[:, None] * projected)  # (n, K) = H y
+        leverage = ((u ** 2) @ shrink).clamp(max=1 - 1e-9)[:, None]  # diag(H)
         held_out = fitted - leverage * (y - fitted) / (1 - leverage)
         accuracy = (held_out.argmax(dim=1) == truth).double().mean().item()
         if accuracy > best_accuracy:

@@ -66,7 +66,7 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def npz_to_vitscale(arrays: dict[str, np.ndarray], source: str = ".npz") -> Imported:
-    w = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    w = {k: torch.from_numpy(_float32(k, v, source)) for k, v in arrays.items()}
     layout, blocks = _detect_layout(w, source)
     take = w.pop
     out: dict[str, torch.Tensor] = {}
@@ -121,6 +121,15 @@ def npz_to_vitscale(arrays: dict[str, np.ndarray], source: str = ".npz") -> Impo
     shape, _ = shape_fields(depth=len(blocks), width=width, mlp_dim=mlp_dim, heads=heads, patch_size=patch)
     return Imported({k: v.contiguous() for k, v in out.items()}, {**fields, **shape},
                     f"{layout} {source}", unknown)
+
+
+def _float32(name: str, array: np.ndarray, source: str) -> np.ndarray:
+    """float32 from float arrays, or from bfloat16 that numpy holds as opaque 2-byte values."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:  # bfloat16: the top half of a float32
+        return (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if array.dtype.kind not in "fiu":
+        raise CheckpointError(f"{source}: {name} has dtype {array.dtype}, not a number array")
+    return np.asarray(array, dtype=np.float32)
 
 
 def _detect_layout(w: dict[str, torch.Tensor], source: str) -> tuple[str, list[dict[str, torch.Tensor]]]:
