@@ -186,3 +186,18 @@ def test_deepspeed_zero_stages_match_plain_pytorch(tmp_path):
     for stage, params in results.items():
         for got, want in zip(params, reference):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"ZeRO stage {stage}")
+
+
+def test_zero3_from_the_deepspeed_json_is_rejected_before_training(monkeypatch):
+    """The stage may come from --ds_config rather than the tree; the check runs after it is read."""
+    import argparse
+
+    from vitscale import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--ds_config", "configs/zero3.json", "optim.name=sam"])
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(ConfigError) as error:
+        train.prepare(args)
+    assert error.value.key == "engine.zero_stage" and "ZeRO-3" in str(error.value)
