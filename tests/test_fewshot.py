@@ -191,6 +191,13 @@ def test_shards_and_cli_agree_with_arrays(tmp_path, digits, models, shards):
                           "--device", "cpu", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == len(y) and abs(result["top1"] - expected) <= 0.01
+    # Public-format weights are converted on the fly: the same model as a big_vision .npz.
+    from vitscale.interop import vitscale_to_npz, write_npz
+
+    npz = write_npz(tmp_path / "digits.npz", vitscale_to_npz(trained.state_dict(), config.model, "big_vision"))
+    assert vitscale_main(["eval", "top1", str(npz), "--shards", eval_pattern, "--device", "cpu", "--output",
+                          str(out), "model.mlp_activation=gelu", "data.num_workers=0", "data.pin_memory=false"]) == 0
+    assert json.loads(out.read_text()) == result
 
 
 RANK_SCRIPT = """

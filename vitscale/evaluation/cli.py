@@ -5,7 +5,8 @@
         --test-shards "/data/val-{0000..0063}.tar" --num-classes 1000 --shots 1 5 10 25
 
 WEIGHTS is a `.safetensors` file from `vitscale export` / `vitscale convert`, a checkpoint
-directory, or a run directory (its latest complete checkpoint). Data settings (normalisation,
+directory, a run directory (its latest complete checkpoint), or public weights that
+`vitscale convert` reads (timm .safetensors, a Hugging Face directory, a Google .npz). Data settings (normalisation,
 workers, ...) come from the config stored with the weights; `KEY=VALUE` overrides change them
 (e.g. data.num_workers=2). Shards default to the stored config's data.eval_shards (and
 data.train_shards for the few-shot training images).
@@ -65,12 +66,17 @@ def load_for_eval(weights: str, overrides, device: str):
     from vitscale.model import build_model
     from vitscale.research.finetune import PRETRAINING_ONLY_PREFIXES, load_pretrained
 
-    state_dict, config = load_pretrained(weights)
-    if overrides:
-        raw = config.to_dict()
-        for item in overrides:
-            apply_override(raw, item)
-        config = config_from_dict(raw).validate()
+    if _is_foreign(Path(weights)):  # timm / Hugging Face / .npz: converted on the fly
+        from vitscale.interop.cli import import_weights
+
+        state_dict, config = import_weights(weights, overrides=overrides)
+    else:
+        state_dict, config = load_pretrained(weights)
+        if overrides:
+            raw = config.to_dict()
+            for item in overrides:
+                apply_override(raw, item)
+            config = config_from_dict(raw).validate()
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PRETRAINING_ONLY_PREFIXES)}
     model = build_model(config.model)
     try:
@@ -79,6 +85,16 @@ def load_for_eval(weights: str, overrides, device: str):
         raise CheckpointError(f"{weights} does not fit its model config ({str(error).splitlines()[0]}); "
                               "do not override model.* structure fields") from None
     return model.to(device).eval(), config
+
+
+def _is_foreign(path: Path) -> bool:
+    if path.suffix == ".npz" or (path.is_dir() and (path / "config.json").is_file()):
+        return True
+    if path.suffix == ".safetensors" and path.is_file():
+        from vitscale.model.weights import META_CONFIG, read_safetensors
+
+        return META_CONFIG not in read_safetensors(path)[1]
+    return False
 
 
 def run_top1(model, config, args) -> dict:
