@@ -12,19 +12,14 @@ import torch
 
 from vitscale.errors import CheckpointError
 
-# ModelConfig fields that describe the network's structure. An importer sets each one it can read
-# off the source (None included: "no pre-logits" must override a base config that has them).
-STRUCTURE_FIELDS = ("name", "image_size", "in_channels", "num_classes", "depth", "width", "mlp_dim", "heads",
-                    "patch_size", "classifier", "pos_embed", "norm_position", "representation_size",
-                    "layer_norm_eps", "mlp_activation")
-
-
 @dataclass
 class Imported:
     """A foreign checkpoint in vitscale terms."""
 
     state_dict: dict[str, torch.Tensor]  # VisionTransformer's names and layouts
-    model: dict[str, Any]  # ModelConfig fields read off the source
+    # ModelConfig structure fields read off the source, None included ("no pre-logits" must
+    # override a base config that has them); training fields (dropout, backend) are left alone.
+    model: dict[str, Any]
     source: str  # e.g. "timm", "Hugging Face ViTModel", "big_vision .npz"
     # ModelConfig fields the source does not record; the user supplies them as model.KEY=VALUE.
     unknown: dict[str, str] = field(default_factory=dict)  # field -> why it is needed
