@@ -200,6 +200,30 @@ def test_shards_and_cli_agree_with_arrays(tmp_path, digits, models, shards):
     assert json.loads(out.read_text()) == result
 
 
+def test_top1_of_a_training_checkpoint_picks_the_latest_complete(tmp_path, models, digits, shards):
+    """A run directory: the newest checkpoint with a COMPLETE marker is evaluated, not a newer
+    one that was interrupted mid-write."""
+    from vitscale.config import save_config
+    from vitscale.engine.checkpoint import checkpoint_dir, mark_complete
+
+    random_model, trained = models
+    _, (x, y) = digits
+    config = Config(model=tiny_model_config(), data=DataConfig(num_workers=0, pin_memory=False)).validate()
+    for step, model, complete in ((100, trained, True), (200, random_model, False)):
+        directory = checkpoint_dir(tmp_path / "run", step)
+        directory.mkdir(parents=True)
+        torch.save({"module": model.state_dict()}, directory / "mp_rank_00_model_states.pt")
+        save_config(config, directory / "config.yaml")
+        if complete:
+            mark_complete(directory, {"step": step})
+    with torch.no_grad():
+        expected = (trained(x).argmax(1) == y).double().mean().item()
+    out = tmp_path / "top1.json"
+    assert vitscale_main(["eval", "top1", str(tmp_path / "run"), "--shards", shards[1], "--device", "cpu",
+                          "--output", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["top1"] - expected) <= 0.01
+
+
 RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from vitscale.data import build_eval_loader
