@@ -159,3 +159,13 @@ def test_finetuning_at_new_resolution_improves_on_digits(tmp_path):
                                                f"finetune.init_from={tmp_path / 'finetuned'}"])
     model = build_finetune_model(config)
     assert model.pos_embed.weight.shape == (1, 1 + 144, 48) and not model.head.weight.any()
+
+
+def test_unusable_sources_are_named(tmp_path):
+    from vitscale.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not found"):
+        build_finetune_model(finetune_config(tmp_path / "missing.safetensors"))
+    (tmp_path / "run" / "checkpoints" / "step_00000010").mkdir(parents=True)  # interrupted save
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        build_finetune_model(finetune_config(tmp_path / "run"))

@@ -107,6 +107,12 @@ def build_finetune_model(config) -> VisionTransformer:
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:  # e.g. a ZeRO-3 checkpoint's empty placeholders
+        raise CheckpointError(f"{source}: tensor shapes do not fit its config ({', '.join(wrong[:3])}); "
+                              "export the weights with `vitscale export` and start from the .safetensors file")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model its config describes (missing {missing[:3]}, "
