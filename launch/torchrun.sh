@@ -129,9 +129,17 @@ fi
 
 stopped_exit_code=${VITSCALE_STOPPED_EXIT_CODE:-$EXIT_STOPPED}
 require_whole_number VITSCALE_STOPPED_EXIT_CODE "$stopped_exit_code"
-VITSCALE_RANK_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vitscale-ranks.XXXXXX")
+# Each rank's exit status, one file per rank: beside the logs when there are logs (a killed job
+# leaves them where they are useful), else in a temp dir removed at exit.
+if [ -n "${VITSCALE_LOG_DIR:-}" ]; then
+  VITSCALE_RANK_STATUS_DIR=$VITSCALE_LOG_DIR/exit_codes/$(hostname)
+  mkdir -p -- "$VITSCALE_RANK_STATUS_DIR"
+  rm -f -- "$VITSCALE_RANK_STATUS_DIR"/rank*
+else
+  VITSCALE_RANK_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vitscale-ranks.XXXXXX")
+  trap 'rm -rf -- "$VITSCALE_RANK_STATUS_DIR"' EXIT
+fi
 export VITSCALE_RANK_STATUS_DIR
-trap 'rm -rf -- "$VITSCALE_RANK_STATUS_DIR"' EXIT
 
 echo "launch/torchrun.sh: $(hostname): $nproc process(es) x $nnodes node(s), $( [ "$gpus" = 0 ] && echo CPU || echo "$gpus GPU(s)" )"
 torchrun_pid=""

@@ -95,6 +95,8 @@ def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(slurm, tmp_path)
     for restart in (0, 1):
         rank_logs = sorted(p.parent.name for p in (tmp_path / "logs" / f"restart{restart}").rglob("stdout.log"))
         assert rank_logs == ["0", "1"], list((tmp_path / "logs").rglob("*"))
+    exit_codes = sorted((tmp_path / "logs" / "restart1" / "exit_codes").glob("*/rank*"))
+    assert [(p.name, p.read_text().strip()) for p in exit_codes] == [("rank0", "0"), ("rank1", "0")]
 
     # Shell metacharacters in the job name and a config value ran nothing and arrived verbatim.
     assert not canary.exists()
