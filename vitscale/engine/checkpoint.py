@@ -161,10 +161,13 @@ def deepspeed_safe_globals() -> list[Any]:
     return found
 
 
+_torch_load = torch.load  # the real one, also while torch_load_weights_only() patches torch.load
+
+
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
