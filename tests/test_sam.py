@@ -114,6 +114,7 @@ def test_rho_follows_the_learning_rate():
     gsam = SharpnessSettings(rho_max=0.6, rho_min=0.1, alpha=0.4, lr_max=1e-3, lr_min=1e-5)
     assert gsam.rho(1e-3) == pytest.approx(0.6) and gsam.rho(1e-5) == pytest.approx(0.1)
     assert gsam.rho(0.505e-3) == pytest.approx(0.35)
+    assert gsam.rho(1e-7) == pytest.approx(0.1)  # early warmup, below lr_min
     config = load_config(None, ["optim.name=gsam", "optim.rho=0.6", "optim.rho_min=0.1", "optim.lr=1e-3",
                                 "schedule.end_lr_ratio=0.01"])
     settings = settings_from_config(config)

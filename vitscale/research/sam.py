@@ -51,7 +51,9 @@ class SharpnessSettings:
     def rho(self, lr: float) -> float:
         if math.isclose(self.lr_max, self.lr_min):
             return self.rho_max
-        return self.rho_min + (self.rho_max - self.rho_min) * (lr - self.lr_min) / (self.lr_max - self.lr_min)
+        rho = self.rho_min + (self.rho_max - self.rho_min) * (lr - self.lr_min) / (self.lr_max - self.lr_min)
+        # Warmup can start below the final lr (end_lr_ratio > 0): never below rho_min, never negative.
+        return min(max(rho, self.rho_min), self.rho_max)
 
 
 def settings_from_config(config) -> SharpnessSettings:
