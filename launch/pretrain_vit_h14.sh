@@ -132,6 +132,10 @@ while kill -0 "$srun_pid" 2>/dev/null; do
 done
 status=0
 wait "$srun_pid" || status=$?
+# Rank 0 removes its Prometheus target file at exit; this catches a rank 0 that was killed.
+if [ -n "${VITSCALE_PROMETHEUS_TARGETS:-}" ]; then
+  rm -f -- "$VITSCALE_PROMETHEUS_TARGETS/vitscale_${job_id}_"*.json
+fi
 if [ "$status" = 0 ] && [ "$stop_forwarded" = 1 ]; then
   status=75  # vitscale/engine/faults.py EXIT_STOPPED: saved; a requeued job resumes from it
 fi

@@ -240,6 +240,19 @@ def test_pretrain_script_takes_every_value_from_env_and_args_verbatim(recorder, 
     assert srun_argv[0] == str(REPO / "launch" / "torchrun.sh").encode()
 
 
+def test_pretrain_script_removes_its_jobs_stale_prometheus_targets(recorder, fake_slurm_tools, tmp_path):
+    fake_python, record, _ = recorder
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    from vitscale.metrics.file_sd import target_file_path
+
+    target_file_path(targets, "4711", "vit_h14_jft").write_text("[]")  # left by a killed rank 0
+    target_file_path(targets, "4712", "other_run").write_text("[]")    # another job's: kept
+    result = run_pretrain(tmp_path, fake_slurm_tools, fake_python, record, VITSCALE_PROMETHEUS_TARGETS=str(targets))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in targets.iterdir()] == ["vitscale_4712_other_run.json"]
+
+
 @pytest.mark.parametrize("variable", ["VITSCALE_MASTER_PORT", "VITSCALE_GPUS_PER_NODE", "VITSCALE_PROCS_PER_NODE",
                                       "SLURM_JOB_ID", "SLURM_RESTART_COUNT"])
 def test_pretrain_script_never_evaluates_numeric_variables(recorder, fake_slurm_tools, tmp_path, variable):
