@@ -117,6 +117,18 @@ def test_timm_training_checkpoint_pth_is_read_without_unpickling_code(tmp_path):
         convert(tmp_path / "code.pth", tmp_path / "out.safetensors", source_format="timm")
 
 
+def test_timm_without_position_table_needs_the_image_size(tmp_path):
+    original = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32,
+                                         patch_size=8, num_classes=3, pos_embed="none"))
+    source = save_timm(original, tmp_path / "timm.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.image_size"):
+        convert(source, tmp_path / "out.safetensors")
+    model, config = converted(tmp_path, source, "model.image_size=32")
+    assert config.model.pos_embed == "none"
+    with torch.no_grad():
+        assert max_diff(original(images()), model(images())) <= TOLERANCE
+
+
 def test_timm_pool_then_norm_is_refused(tmp_path):
     original = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
                                  class_token=False, global_pool="avg")  # fc_norm defaults on for avg

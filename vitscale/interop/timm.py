@@ -49,27 +49,8 @@ def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm") 
         if hit is not None:
             raise CheckpointError(f"{source} uses {feature} ({hit}), which vitscale's ViT does not have; "
                                   "only plain ViTs convert exactly")
-    out: dict[str, torch.Tensor] = {}
-    proj = sd.pop("patch_embed.proj.weight")  # (D, C, P, P)
-    width, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    out["patch_embed.proj.weight"] = proj
-    out["patch_embed.proj.bias"] = sd.pop("patch_embed.proj.bias", torch.zeros(width))
-    cls = sd.pop("cls_token", None)
-    extra = 1 if cls is not None else 0
-    if cls is not None:
-        out["cls_token"] = cls
-    fields: dict = {"in_channels": in_channels, "norm_position": "pre", "layer_norm_eps": 1e-6,
-                    "mlp_activation": "gelu"}
-    pos = sd.pop("pos_embed", sd.pop("pos_embed.weight", None))  # timm, or a bare vitscale state dict
-    if pos is not None:
-        if extra and _is_square(pos.shape[1]):
-            pos = torch.cat([torch.zeros(1, 1, width), pos], dim=1)  # no_embed_class: [class] gets no position
-        grid = grid_from_positions(pos.shape[1], extra, source)
-        out["pos_embed.weight"] = pos
-        fields.update(image_size=grid * patch, pos_embed="learned_1d")
-    else:
-        fields["pos_embed"] = "none"
-
+    out, fields, unknown = _embeddings(sd, source)
+    width, patch, extra = out["patch_embed.proj.weight"].shape[0], fields["patch_size"], int("cls_token" in out)
     depth = 1 + max(int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in sd) if m)
     for i in range(depth):
         out.update(_block(sd, i, width))
@@ -98,8 +79,34 @@ def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm") 
     if leftover:
         raise CheckpointError(f"{source}: tensors vitscale does not know: {', '.join(leftover[:4])}; "
                               "this is not a plain timm ViT")
-    shape, unknown = shape_fields(depth=depth, width=width, mlp_dim=mlp_dim, heads=None, patch_size=patch)
-    return Imported(out, {**fields, **shape}, source, unknown)
+    shape, unknown_shape = shape_fields(depth=depth, width=width, mlp_dim=mlp_dim, heads=None, patch_size=patch)
+    return Imported(out, {**fields, **shape}, source, {**unknown, **unknown_shape})
+
+
+def _embeddings(sd: dict[str, torch.Tensor], source: str) -> tuple[dict, dict, dict]:
+    """Patch projection, [class] token and position table -> (tensors, config fields, unknown)."""
+    out: dict[str, torch.Tensor] = {}
+    proj = sd.pop("patch_embed.proj.weight")  # (D, C, P, P)
+    width, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    out["patch_embed.proj.weight"] = proj
+    out["patch_embed.proj.bias"] = sd.pop("patch_embed.proj.bias", torch.zeros(width))
+    cls = sd.pop("cls_token", None)
+    if cls is not None:
+        out["cls_token"] = cls
+    fields = {"in_channels": in_channels, "patch_size": patch, "norm_position": "pre", "layer_norm_eps": 1e-6,
+              "mlp_activation": "gelu"}
+    unknown = {}
+    pos = sd.pop("pos_embed", sd.pop("pos_embed.weight", None))  # timm, or a bare vitscale state dict
+    if pos is not None:
+        if cls is not None and _is_square(pos.shape[1]):
+            pos = torch.cat([torch.zeros(1, 1, width), pos], dim=1)  # no_embed_class: [class] gets no position
+        grid = grid_from_positions(pos.shape[1], int(cls is not None), source)
+        out["pos_embed.weight"] = pos
+        fields.update(image_size=grid * patch, pos_embed="learned_1d")
+    else:
+        fields["pos_embed"] = "none"
+        unknown["image_size"] = "without a position table the input size is not recorded"
+    return out, fields, unknown
 
 
 def _block(sd: dict[str, torch.Tensor], i: int, width: int) -> dict[str, torch.Tensor]:
