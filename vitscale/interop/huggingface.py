@@ -150,7 +150,8 @@ def _block_from_hf(sd: dict, src: str, dst: str, width: int) -> dict[str, torch.
 
 def vitscale_to_hf(state_dict: dict[str, torch.Tensor], model_config) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (HF state_dict, config.json dict). A model with a classification head becomes a
-    `ViTForImageClassification`; a headless one a `ViTModel` (its pre-logits as the pooler)."""
+    `ViTForImageClassification`; a headless one a `ViTModel` (its pre-logits as the pooler; a
+    model without pre-logits has no pooler weights: load it with add_pooling_layer=False)."""
     _check_exportable(model_config)
     shape = model_config.shape()
     sd = {k: v.detach().float().cpu() for k, v in state_dict.items()}
