@@ -127,7 +127,10 @@ def test_zero_stages_match_single_process_pytorch(tmp_path):
     assert single == pytest.approx(reference, rel=1e-4)
     exported = {}
     for stage in (1, 2, 3):
-        curve = run_synthetic(tmp_path, f"zero{stage}", 2, "--ds_config", str(REPO / "configs" / f"zero{stage}.json"))
+        # ZeRO-2 also recomputes activations per block: the same math, so the same curve.
+        extra = ["engine.activation_checkpointing=true"] if stage == 2 else []
+        curve = run_synthetic(tmp_path, f"zero{stage}", 2, "--ds_config", str(REPO / "configs" / f"zero{stage}.json"),
+                              *extra)
         assert curve == pytest.approx(reference, rel=1e-4), f"ZeRO-{stage}"
         # `vitscale export` merges each stage's partitions into the same fp32 weights.
         path = export_checkpoint(tmp_path / f"zero{stage}", tmp_path / f"zero{stage}.safetensors")

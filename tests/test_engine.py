@@ -1,0 +1,244 @@
+"""Engine units (one process, no DeepSpeed start-up): DeepSpeed JSON derivation, weight-decay
+groups, the skip guard, schedules, objectives, evaluation counts, launcher environment."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitscale.config import load_config
+from vitscale.engine.ds_config import deepspeed_config, fill_bucket_sizes, read_ds_json, resolve_zero_stage
+from vitscale.engine.objectives import build_objective, sigmoid_cross_entropy
+from vitscale.engine.optim import GuardedAdamW, build_optimizer, learning_rate, parameter_groups
+from vitscale.errors import ConfigError
+from vitscale.model import ModelConfig, build_model
+
+from test_engine_support import REPO
+
+TINY_CONFIGS = ["vit_b16_i21k_tiny.yaml", "vit_l16_i21k_tiny.yaml", "vit_h14_jft_tiny.yaml", "demo.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed JSON <-> config tree.
+
+
+@pytest.mark.parametrize("json_name", ["zero1.json", "zero2.json", "zero3.json", "zero2_offload.json"])
+@pytest.mark.parametrize("yaml_name", TINY_CONFIGS)
+def test_shipped_json_files_fill_from_every_tiny_config(json_name, yaml_name):
+    config = load_config(REPO / "configs" / yaml_name)
+    ds_json = read_ds_json(REPO / "configs" / json_name)
+    resolve_zero_stage(config, ds_json, stage_set_explicitly=False)
+    world = 2
+    ds = fill_bucket_sizes(deepspeed_config(config, world, ds_json), 12345)
+    engine = config.engine
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == ds["train_batch_size"]
+    assert ds["train_batch_size"] == engine.global_batch_size
+    assert ds["zero_optimization"]["stage"] == engine.zero_stage == int(json_name[4])
+    assert ds["bf16"]["enabled"] == (engine.precision == "bf16") and ds["gradient_clipping"] == config.optim.grad_clip
+    assert "//" not in ds and "auto" not in json.dumps(ds)
+    assert ds["zero_optimization"].get("reduce_bucket_size", 12345) == 12345
+
+
+def test_accumulation_is_derived_and_explicit_values_must_agree():
+    config = load_config(REPO / "configs" / "demo.yaml", ["engine.micro_batch_size=8", "engine.global_batch_size=64"])
+    assert deepspeed_config(config, 2)["gradient_accumulation_steps"] == 4
+    assert deepspeed_config(config, 2, {"gradient_accumulation_steps": 4, "train_batch_size": 64})
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 in the DeepSpeed JSON disagrees"):
+        deepspeed_config(config, 2, {"gradient_accumulation_steps": 2})
+    with pytest.raises(ConfigError, match="gradient_clipping=0.5 in the DeepSpeed JSON disagrees with optim.grad_clip"):
+        deepspeed_config(config, 2, {"gradient_clipping": 0.5})
+    with pytest.raises(ConfigError, match=r"bf16.enabled=True in the DeepSpeed JSON disagrees"):
+        deepspeed_config(config, 2, {"bf16": {"enabled": True}})  # demo.yaml trains in fp32
+    with pytest.raises(ConfigError, match="not divisible by micro-batch 8 x world size 3 = 24"):
+        deepspeed_config(config, 3)
+    with pytest.raises(ConfigError, match="'optimizer' section"):
+        deepspeed_config(config, 2, {"optimizer": {"type": "Adam"}})
+
+
+def test_zero_stage_comes_from_the_json_unless_overridden_differently():
+    config = load_config(REPO / "configs" / "demo.yaml")
+    resolve_zero_stage(config, {"zero_optimization": {"stage": 3}}, stage_set_explicitly=False)
+    assert config.engine.zero_stage == 3
+    config = load_config(REPO / "configs" / "demo.yaml", ["engine.zero_stage=1"])
+    with pytest.raises(ConfigError, match="engine.zero_stage: 1 disagrees with stage 3"):
+        resolve_zero_stage(config, {"zero_optimization": {"stage": 3}}, stage_set_explicitly=True)
+
+
+def test_offload_json_allows_our_optimizer():
+    config = load_config(REPO / "configs" / "demo.yaml")
+    ds = deepspeed_config(config, 2, read_ds_json(REPO / "configs" / "zero2_offload.json"))
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers and weight decay.
+
+
+def tiny_model(**overrides):
+    base = dict(name="Ti/4", image_size=16, depth=2, width=32, heads=2, mlp_dim=64, num_classes=10,
+                representation_size=32)
+    return build_model(ModelConfig(**{**base, **overrides}))
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos_embed": "learned_2d"}, {"pos_embed": "relative", "classifier": "gap"},
+                                     {"classifier": "map"}])
+def test_weight_decay_only_on_weight_matrices(variant):
+    model = tiny_model(**variant)
+    groups = {group["name"]: group for group in parameter_groups(model, 0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups["decay"]["params"]}
+    plain = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert decayed | plain == set(names.values()) and not decayed & plain
+    for name in plain:
+        assert (name.endswith(".bias") or "norm" in name or name.startswith(("cls_token", "pos_embed", "relative_bias"))
+                or name == "pool.probe"), name
+    expected_weights = {n for n, p in model.named_parameters() if n.endswith(".weight") and p.ndim == 2
+                        and not n.startswith("pos_embed")} | {"patch_embed.proj.weight"}
+    assert decayed == expected_weights
+
+
+def test_adamw_decays_weights_but_not_embeddings_norms_or_biases():
+    """With zero gradients, AdamW's step is exactly p <- p - lr * wd * p on decayed tensors and
+    nothing on the others (the Adam term is 0 / (0 + eps))."""
+    config = load_config(REPO / "configs" / "demo.yaml", ["optim.weight_decay=0.1", "optim.lr=0.01"])
+    model = tiny_model()
+    optimizer = build_optimizer(config.optim, model)
+    assert isinstance(optimizer, GuardedAdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        weight_matrix = name.endswith(".weight") and param.ndim >= 2 and not name.startswith("pos_embed")
+        expected = before[name] * (1 - 0.01 * 0.1) if weight_matrix else before[name]
+        assert torch.allclose(param, expected, rtol=0, atol=1e-7), name
+
+
+def test_sgd_with_momentum_for_fine_tuning():
+    config = load_config(REPO / "configs" / "demo.yaml", ["optim.name=sgd", "optim.weight_decay=0", "optim.lr=0.1"])
+    model = tiny_model()
+    optimizer = build_optimizer(config.optim, model)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    param = model.head.weight
+    start = param.detach().clone()
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    # buffer: 1, then 0.9 * 1 + 1 = 1.9; total step lr * (1 + 1.9)
+    assert torch.allclose(param, start - 0.1 * 2.9, atol=1e-6)
+
+
+def test_guard_skips_update_and_state_on_request_and_on_nonfinite_gradients():
+    model = tiny_model()
+    optimizer = build_optimizer(load_config(REPO / "configs" / "demo.yaml").optim, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {k: {s: v.clone() for s, v in st.items()} for k, st in optimizer.state.items()}
+    optimizer.skip_next = True
+    optimizer.step()
+    assert optimizer.last_step_skipped and not optimizer.skip_next
+    model.head.weight.grad[0, 0] = float("nan")
+    optimizer.step()
+    assert optimizer.last_step_skipped and optimizer.steps_skipped_by_guard == 2
+    for name, param in model.named_parameters():
+        assert torch.equal(param, snapshot[name])
+    for key, st in optimizer.state.items():
+        assert all(torch.equal(v, state[key][s]) for s, v in st.items())
+    model.head.weight.grad[0, 0] = 1.0
+    optimizer.step()
+    assert not optimizer.last_step_skipped
+    assert not torch.equal(model.head.weight, snapshot["head.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules.
+
+
+def schedule(decay, warmup=10, total=110, end=0.1):
+    return load_config(REPO / "configs" / "demo.yaml", [f"schedule.decay={decay}", f"schedule.warmup_steps={warmup}",
+                                                         f"run.steps={total}", f"schedule.end_lr_ratio={end}",
+                                                         "optim.lr=1.0"])
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
+def test_warmup_then_decay(decay):
+    config = schedule(decay)
+    lrs = [learning_rate(step, config) for step in range(110)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warmup to the peak
+    assert lrs[10] == pytest.approx(1.0)
+    progress = lambda step: (step - 10) / 100  # noqa: E731
+    for step in (10, 35, 60, 85, 109):
+        if decay == "linear":
+            expected = 0.1 + 0.9 * (1 - progress(step))
+        elif decay == "cosine":
+            expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress(step)))
+        else:
+            expected = 1.0
+        assert lrs[step] == pytest.approx(expected), step
+    assert learning_rate(500, config) == pytest.approx(0.1 if decay != "constant" else 1.0)  # flat past the horizon
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives and evaluation counts.
+
+
+def test_softmax_and_sigmoid_cross_entropy():
+    model = tiny_model()
+    images = torch.randn(4, 3, 16, 16)
+    labels = torch.tensor([1, 2, 3, 4])
+    single = build_objective(load_config(REPO / "configs" / "demo.yaml"))
+    loss, _ = single.loss(model, images, labels)
+    assert loss.item() == pytest.approx(F.cross_entropy(model(images), labels).item(), rel=1e-6)
+
+    multi = build_objective(load_config(REPO / "configs" / "demo.yaml", ["data.multi_label=true"]))
+    targets = torch.zeros(4, 10)
+    targets[0, [1, 3]] = 1
+    targets[2, 7] = 1
+    loss, _ = multi.loss(model, images, targets)
+    p = torch.sigmoid(model(images).double())
+    reference = -(targets * p.log() + (1 - targets) * (1 - p).log()).sum(dim=1).mean()  # summed over classes
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert sigmoid_cross_entropy(torch.zeros(2, 5), torch.zeros(2, 5)).item() == pytest.approx(5 * math.log(2))
+
+
+def test_unknown_objective_is_a_config_error():
+    config = load_config(REPO / "configs" / "demo.yaml")
+    config.run.objective = "contrastive"
+    with pytest.raises(ConfigError, match="run.objective"):
+        build_objective(config)
+
+
+def test_eval_counts_exclude_padding_and_score_precision_at_1():
+    from vitscale.train import eval_counts
+
+    logits = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
+    labels = torch.tensor([1, 1, 2, 0])
+    valid = torch.tensor([True, True, True, False])  # the last row pads the batch
+    correct, count, loss_sum = eval_counts(logits, labels, valid, multi_label=False).tolist()
+    assert (correct, count) == (2, 3)
+    assert loss_sum == pytest.approx(F.cross_entropy(logits[:3], labels[:3], reduction="sum").item())
+    multi_hot = torch.tensor([[0, 1, 1], [0, 1, 0], [1, 0, 1], [1, 0, 0]], dtype=torch.float32)
+    correct, count, _ = eval_counts(logits, multi_hot, valid, multi_label=True).tolist()
+    assert (correct, count) == (2, 3)  # top class among the labels: rows 0 and 2
+
+
+def test_launch_environment_from_slurm_without_torchrun(monkeypatch):
+    from vitscale.train import Launch
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    assert Launch.from_environment() == Launch(rank=5, local_rank=1, world_size=8, job_id="77")
