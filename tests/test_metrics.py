@@ -178,6 +178,15 @@ def test_file_sd_target_file_written_atomically_and_removed_at_close(metrics_fac
     assert list((tmp_path / "targets").iterdir()) == []
 
 
+def test_unwritable_target_directory_warns_and_training_goes_on(metrics_factory, tmp_path, caplog):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the targets directory should be")
+    with caplog.at_level(logging.WARNING, logger="vitscale.metrics"):
+        metrics = metrics_factory(file_sd_dir=str(blocker))
+    assert metrics.target_file is None and "metrics.file_sd_dir" in caplog.text
+    assert scrape(metrics.port)["vitscale_run_info"]  # the endpoint still serves
+
+
 def test_job_id_cannot_escape_the_target_directory(tmp_path):
     cfg = MetricsConfig(port=free_port_pair(), file_sd_dir=str(tmp_path / "targets"))
     with TrainingMetrics(cfg, rank=0, local_rank=0, world_size=1, job_id="../../x;$(id)",

@@ -57,9 +57,9 @@ class TrainingMetrics:
         self._last_step = 0
         self._skipped_totals: dict[str, int] = {}
         self._server = None
-        self.port = self._start_server()
-        self.target_file: Path | None = None
         self._closed = False
+        self.target_file: Path | None = None
+        self.port = self._start_server()
         self._publish_targets()
         atexit.register(self.close)
 
@@ -176,10 +176,17 @@ class TrainingMetrics:
             log.warning("metrics: ranks on several nodes advertise the same address; set metrics.address="
                         "0.0.0.0 (or metrics.advertise_host) so a cluster Prometheus can reach every node")
             live = sorted(set(live))
-        self.target_file = file_sd.target_file_path(self.config.file_sd_dir, self.job_id, self.run_dir.name)
+        path = file_sd.target_file_path(self.config.file_sd_dir, self.job_id, self.run_dir.name)
         labels = {"vitscale_run": self.run_dir.name, "vitscale_world_size": str(self.world_size)}
-        file_sd.write_target_file(self.target_file, file_sd.target_groups(live, labels))
-        log.info("metrics: wrote Prometheus targets for %d ranks to %s", len(live), self.target_file)
+        try:
+            file_sd.write_target_file(path, file_sd.target_groups(live, labels))
+        except OSError as error:
+            # The other ranks are already training: warn rather than stop rank 0 alone.
+            log.warning("metrics: cannot write Prometheus targets to %s (%s); make metrics.file_sd_dir a "
+                        "writable directory, or null", path, error.strerror or error)
+            return
+        self.target_file = path
+        log.info("metrics: wrote Prometheus targets for %d ranks to %s", len(live), path)
 
     # -----------------------------------------------------------------------------------------
     # Recording.
