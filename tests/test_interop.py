@@ -187,8 +187,8 @@ def vitscale_model(**fields) -> tuple[torch.nn.Module, Config]:
 
 
 @pytest.mark.parametrize("fields", [{"head": "finetune"}, {"num_classes": 0, "representation_size": 48,
-                                                            "mlp_activation": "gelu_tanh"}],
-                         ids=["classifier", "backbone_with_pooler"])
+                                                            "mlp_activation": "gelu_tanh"}, {"num_classes": 0}],
+                         ids=["classifier", "backbone_with_pooler", "backbone_without_pooler"])
 def test_export_to_hf_loads_in_transformers(tmp_path, fields):
     model, config = vitscale_model(**fields)
     source = save_weights(tmp_path / "w.safetensors", model.state_dict(), config)
@@ -199,9 +199,12 @@ def test_export_to_hf_loads_in_transformers(tmp_path, fields):
             assert saved["architectures"] == ["ViTForImageClassification"]
             hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
             assert max_diff(hf(pixel_values=images()).logits, model(images())) <= TOLERANCE
-        else:
+        elif config.model.representation_size:
             hf = transformers.ViTModel.from_pretrained(tmp_path / "hf").eval()
             assert max_diff(hf(pixel_values=images()).pooler_output, model.forward_representation(images())) <= TOLERANCE
+        else:
+            hf = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+            assert max_diff(hf(pixel_values=images()).last_hidden_state, model.forward_features(images())) <= TOLERANCE
     # ... and back again, exactly.
     back, _ = converted(tmp_path, tmp_path / "hf")
     for name, tensor in model.state_dict().items():
