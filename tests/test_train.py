@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_engine_support import REPO, run_job, step_losses, tiny_args
+from test_engine_support import REPO, engine_digits, free_port, run_job, step_losses, tiny_args  # noqa: F401
 from vitscale.engine.export import export_checkpoint
 from vitscale.model.weights import load_weights
 
@@ -150,3 +150,30 @@ def comparable(name: str, tensor: torch.Tensor) -> torch.Tensor:
         q, _, v = tensor.chunk(3)
         return torch.cat([q, v])
     return tensor
+
+
+@pytest.mark.parametrize("launcher", ["vitscale train (one process)", "deepspeed launcher (2 processes)"])
+def test_entry_points(tmp_path, engine_digits, launcher):
+    import os
+    import subprocess
+    import sys
+
+    from vitscale.engine import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    args = tiny_args(run_dir, engine_digits, "run.steps=2")
+    if launcher.startswith("vitscale"):
+        command = [sys.executable, "-m", "vitscale", "train", *args]
+    else:
+        deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        command = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "vitscale" / "train.py"),
+                   "--ds_config", str(REPO / "configs" / "zero2.json"), *args]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "done: finished at step 2" in result.stdout
+    trainer = ckpt.checkpoint_dir(run_dir, 2) / "trainer.json"
+    assert ckpt.is_complete(trainer.parent)
+    assert '"world_size": ' + ("1" if launcher.startswith("vitscale") else "2") in trainer.read_text()
