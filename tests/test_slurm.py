@@ -23,7 +23,7 @@ from vitscale.engine.checkpoint import is_complete, latest_complete
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
-STEPS = 200
+STEPS = 120
 
 
 @pytest.fixture(scope="module")
