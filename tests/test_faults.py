@@ -71,6 +71,21 @@ def test_usr1_to_one_rank_saves_same_step_requeues_and_nan_on_one_rank_is_skippe
     assert json.loads((last / "trainer.json").read_text())["nonfinite_total"] == 1
 
 
+def test_too_many_nonfinite_steps_in_a_row_stop_with_their_own_exit_code(tmp_path, engine_digits):
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, engine_digits, "run.steps=20", "engine.max_consecutive_nonfinite=3",
+                     "engine.checkpoint_every=1")
+    job = Ranks(args, env={"VITSCALE_INJECT_FAULT": "nan_loss@rank=0"}, logs=tmp_path / "logs")  # every step
+    codes = job.wait(180)
+    assert codes == [faults.EXIT_NONFINITE] * 2, job.output()
+    assert [r["step"] for r in read_log(run_dir) if r.get("nonfinite_skip")] == [1, 2, 3]
+    assert "3 consecutive non-finite steps" in job.output(0)
+    # Skipped steps leave the state as it was, so their checkpoints are sound; step 3 ended the run.
+    last = ckpt.latest_complete(run_dir)
+    assert last == ckpt.checkpoint_dir(run_dir, 2)
+    assert json.loads((last / "trainer.json").read_text())["consecutive_nonfinite"] == 2
+
+
 def test_rank_asleep_in_a_collective_ends_the_job_quickly(tmp_path, engine_digits):
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, engine_digits, "run.steps=50", "engine.collective_timeout_seconds=8",

@@ -630,6 +630,7 @@ def load_checkpoint(t: Trainer, path: Path) -> None:
     ckpt.set_rng_state(rank_state["rng"])
     t.state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
     t.say(f"resumed from {path} at step {t.state.step}")
+    t.log({"step": t.state.step, "resumed_from": str(path)})  # later records of a step supersede earlier ones
 
 
 # ---------------------------------------------------------------------------------------------
