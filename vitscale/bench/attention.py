@@ -73,7 +73,8 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def chosen_backends(requested: str | None, device: torch.device) -> tuple[list[str], dict[str, str]]:
+def chosen_backends(requested: str | None, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> tuple[list[str], dict[str, str]]:
     """Backends to time and, for each one left out, why."""
     available = selection.available_backends(device)
     wanted = requested.split(",") if requested else ["math", "sdpa", "triton", "flash"]
@@ -82,6 +83,9 @@ def chosen_backends(requested: str | None, device: torch.device) -> tuple[list[s
         raise ConfigError("--backends", f"unknown backend(s) {', '.join(unknown)}", "use math, sdpa, triton, flash")
     skipped = {b: ("needs a CUDA GPU" if device.type != "cuda" else "not installed")
                for b in wanted if b not in available}
+    if "flash" in wanted and "flash" in available and dtype == torch.float32:
+        skipped["flash"] = "flash-attn takes fp16/bf16 only"
+        available = [b for b in available if b != "flash"]
     return [b for b in wanted if b in available], skipped
 
 
@@ -137,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     batch = args.batch_size or (32 if on_gpu else (1 if args.quick else 2))
     repeats = args.repeats or (3 if args.quick else 20)
-    backends, skipped = chosen_backends(args.backends, device)
+    backends, skipped = chosen_backends(args.backends, device, dtype)
     shapes = [vit_attention_shape(m, s, batch) for m, s in VIT_SHAPES if not args.quick or s == 224]
     rows = []
     for shape in shapes:
