@@ -14,6 +14,8 @@ part and a tail part (80 = 64 + 16, 96 = 64 + 32): two dots per product instead 
 padded to 128, which would waste 37.5% of the compute. fp16/bf16 inputs multiply on tensor cores
 with fp32 accumulation; fp32 inputs are allowed and multiplied in full fp32 ("ieee").
 Under TRITON_INTERPRET=1 the kernels run on CPU (slowly) for testing, with a fixed tile config.
+Reference test (fp64, outputs and gradients): tests/test_kernel_attention.py. Benchmark against
+SDPA and flash-attn: `vitscale bench attention`.
 """
 
 from __future__ import annotations
