@@ -204,8 +204,11 @@ class MaskedPatchObjective:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The VisionTransformer inside a DeepSpeed engine / DDP / torch.compile wrapper."""
-    while not hasattr(model, "forward_features"):
+    """The VisionTransformer inside a DeepSpeed engine / DDP / torch.compile wrapper (explicitly:
+    a DeepSpeed engine would also answer attribute look-ups on the model's behalf)."""
+    from vitscale.model import VisionTransformer
+
+    while not isinstance(model, VisionTransformer):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
             raise TypeError(f"{type(model).__name__} does not wrap a VisionTransformer")
