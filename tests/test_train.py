@@ -7,7 +7,7 @@ instead of accumulated micro-batch by micro-batch in one process, and ZeRO-3 gat
 in flat buffers. Each of those is exact to ~1e-7 relative (fp32 rounding); Adam divides by
 sqrt(v), which can amplify such differences in the first steps for parameters whose gradients
 are near zero, so over 8 steps we allow 1e-4 relative on the losses (measured: ~2e-7); a real bug (a wrong accumulation factor, a missing rank, decay on the wrong
-tensors, a skipped clip) changes losses by percent. bf16 (ZeRO-2) is compared at rel 3e-2: its
+tensors, a skipped clip) changes losses by percent. bf16 (ZeRO-2) is compared at rel 1e-2 (measured 2e-3): its
 activations and gradients are rounded to 8 mantissa bits (0.4% each), which the 8 steps compound.
 """
 
@@ -129,7 +129,7 @@ def test_zero_stages_match_single_process_pytorch(tmp_path):
     # of mantissa (relative rounding 2^-8 = 0.4%), so the curve agrees to percent, not 1e-4.
     bf16 = run_synthetic(tmp_path, "zero2_bf16", 2, "--ds_config", str(REPO / "configs" / "zero2.json"),
                          "engine.precision=bf16")
-    assert bf16 == pytest.approx(reference, rel=3e-2)
+    assert bf16 == pytest.approx(reference, rel=1e-2)  # measured: 2e-3
     exported = {}
     for stage in (1, 2, 3):
         # ZeRO-2 also recomputes activations per block: the same math, so the same curve.
