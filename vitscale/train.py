@@ -229,10 +229,26 @@ def build_engine(config: Config, model: nn.Module, ds: dict[str, Any]):
     ds = fill_bucket_sizes(ds, sum(p.numel() for p in model.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     engine.checkpoint_engine = ckpt.build_checkpoint_engine(engine._config)
+    _record_recovery_script_failures(engine)
     optimizer.nonfinite_check = _any_rank
     if config.engine.compile:
         engine.compile()
     return engine, optimizer
+
+
+def _record_recovery_script_failures(engine) -> None:
+    """DeepSpeed copies zero_to_fp32.py next to the checkpoints with a plain file copy between its
+    barriers; a full disk there must be recorded like any failed write, not raised mid-protocol."""
+    copy = engine._copy_recovery_script
+
+    def guarded(save_path):
+        try:
+            copy(save_path)
+        except OSError as error:
+            engine.checkpoint_engine.failure = engine.checkpoint_engine.failure or \
+                f"zero_to_fp32.py: {error.strerror or error}"
+
+    engine._copy_recovery_script = guarded
 
 
 def _all_reduce(values: list[float], op=None) -> list[float]:
@@ -580,12 +596,8 @@ def save_checkpoint(t: Trainer) -> bool:
     if failure:
         print(f"vitscale: rank {t.launch.rank}: checkpoint {path} failed: {failure}", file=sys.stderr, flush=True)
     if t.is_main:
-        if ok:
-            ckpt.mark_complete(path, {"step": t.state.step, "world_size": t.launch.world_size})
-            ckpt.apply_retention(t.run_dir, t.config.engine.keep_last)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-    dist.barrier()
+        ok = finish_checkpoint(t, path, ok)
+    ok = _all_reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0  # every rank learns rank 0's verdict
     t.watchdog.beat()
     seconds = time.perf_counter() - started
     t.metrics.record_checkpoint(seconds, ok)
@@ -597,6 +609,20 @@ def save_checkpoint(t: Trainer) -> bool:
         t.say(f"step {t.state.step}: checkpoint FAILED (see the rank errors above); the latest complete "
               f"checkpoint is still {ckpt.latest_complete(t.run_dir)}")
     return ok
+
+
+def finish_checkpoint(t: Trainer, path: Path, ok: bool) -> bool:
+    """Rank 0, after every rank wrote its files: the COMPLETE marker and retention; on failure,
+    remove the partial directory so it costs no disk."""
+    if ok:
+        try:
+            ckpt.mark_complete(path, {"step": t.state.step, "world_size": t.launch.world_size})
+            ckpt.apply_retention(t.run_dir, t.config.engine.keep_last)
+            return True
+        except OSError as error:
+            print(f"vitscale: rank 0: checkpoint {path} failed: {error.strerror or error}", file=sys.stderr, flush=True)
+    shutil.rmtree(path, ignore_errors=True)
+    return False
 
 
 def write_checkpoint_files(t: Trainer, path: Path) -> str | None:
