@@ -218,7 +218,7 @@ def test_unknown_objective_is_a_config_error():
 
 
 def test_eval_counts_exclude_padding_and_score_precision_at_1():
-    from vitscale.train import eval_counts
+    from vitscale.engine.evaluate import eval_counts
 
     logits = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
     labels = torch.tensor([1, 1, 2, 0])

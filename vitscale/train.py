@@ -32,16 +32,17 @@ from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitscale.config import Config, add_config_arguments, load_config, save_config
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine import faults
+from vitscale.engine.distributed import Launch, all_reduce, any_rank, init_distributed
 from vitscale.engine.ds_config import deepspeed_config, fill_bucket_sizes, read_ds_json, resolve_zero_stage
+from vitscale.engine.evaluate import evaluate, input_dtype
 from vitscale.engine.objectives import build_objective
 from vitscale.engine.optim import build_optimizer, learning_rate, set_learning_rate
-from vitscale.errors import CheckpointError, ConfigError, DataError, VitscaleError
+from vitscale.errors import CheckpointError, ConfigError, VitscaleError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,27 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Passed by the deepspeed launcher; LOCAL_RANK from the environment is what is used.
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Where this process sits, from the launcher's environment (torchrun, deepspeed, srun)."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    job_id: str
-
-    @staticmethod
-    def from_environment(local_rank_arg: int | None = None) -> "Launch":
-        env = os.environ
-        if "RANK" not in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
-            # srun started the ranks directly (no torchrun): translate Slurm's variables.
-            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_NTASKS", "1")
-            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
-        return Launch(rank=int(env.get("RANK", "0")), local_rank=local, world_size=int(env.get("WORLD_SIZE", "1")),
-                      job_id=env.get("SLURM_JOB_ID", ""))
 
 
 @dataclass
@@ -147,51 +127,6 @@ def read_trainer_state(path: Path, world_size: int) -> dict[str, Any]:
 # Building blocks.
 
 
-def init_distributed(config: Config, launch: Launch) -> torch.device:
-    import deepspeed
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    quiet_library_logs()
-    accelerator = get_accelerator()
-    on_cpu = accelerator.device_name() == "cpu"
-    if on_cpu:
-        # DeepSpeed's shared-memory all-reduce serves inference only; skipping it saves a JIT
-        # compile at start-up and keeps every collective under gloo's timeout.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    else:
-        accelerator.set_device(launch.local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accelerator.communication_backend_name(),
-                               timeout=timedelta(seconds=config.engine.collective_timeout_seconds),
-                               auto_mpi_discovery=False)
-    return torch.device(accelerator.current_device_name())
-
-
-def quiet_library_logs() -> None:
-    """DeepSpeed logs every internal step at INFO; the engine prints its own progress lines."""
-    import logging
-    import warnings
-
-    from deepspeed.utils import logger as deepspeed_logger
-
-    deepspeed_logger.setLevel(logging.WARNING)
-    # Our optimizers are torch's AdamW / SGD (plus a skip guard), which ZeRO partitions like any other.
-    deepspeed_logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def build_model(config: Config, objective: Any) -> nn.Module:
     """The ViT (fine-tuning: initialised from finetune.init_from), plus any parameters the
     objective adds; identical on every rank (same seed)."""
@@ -230,7 +165,7 @@ def build_engine(config: Config, model: nn.Module, ds: dict[str, Any]):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     engine.checkpoint_engine = ckpt.build_checkpoint_engine(engine._config)
     _record_recovery_script_failures(engine)
-    optimizer.nonfinite_check = _any_rank
+    optimizer.nonfinite_check = any_rank
     if config.engine.compile:
         engine.compile()
     return engine, optimizer
@@ -249,21 +184,6 @@ def _record_recovery_script_failures(engine) -> None:
                 f"zero_to_fp32.py: {error.strerror or error}"
 
     engine._copy_recovery_script = guarded
-
-
-def _all_reduce(values: list[float], op=None) -> list[float]:
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    faults.maybe_inject("collective")
-    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def _any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    return _all_reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,10 +254,6 @@ class StepResult:
     data_wait_seconds: float
 
 
-def input_dtype(config: Config) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision, torch.float32)
-
-
 def train_step(t: Trainer) -> StepResult:
     """One optimizer step over `accumulation` micro-batches; every rank decides together whether
     it is skipped (non-finite loss or gradient anywhere) and whether to stop afterwards."""
@@ -364,7 +280,7 @@ def train_step(t: Trainer) -> StepResult:
     guard_result = t.optimizer.last_step_skipped
     # None: DeepSpeed itself skipped the update (its overflow check), on every rank alike.
     skipped = True if guard_result is None else guard_result
-    loss_sum, count, term, requeue = _all_reduce(
+    loss_sum, count, term, requeue = all_reduce(
         [float(step_loss.nan_to_num(0.0).sum()), float(len(losses)), float(t.stops.requested == faults.STOP_TERM),
          float(t.stops.requested == faults.STOP_REQUEUE)], dist.ReduceOp.SUM)
     stop = faults.STOP_REQUEUE if requeue else faults.STOP_TERM if term else faults.STOP_NONE
@@ -524,54 +440,13 @@ def stop_on_request(t: Trainer, stop: int) -> int:
 def run_evaluation(t: Trainer) -> dict[str, float]:
     if not t.config.data.eval_shards or t.config.run.objective != "classification":
         return {}
-    values = evaluate(t.engine, t.config, t.launch, t.device, t.watchdog.beat)
+    values = evaluate(t.engine, t.config, rank=t.launch.rank, world_size=t.launch.world_size, device=t.device,
+                      beat=t.watchdog.beat)
     t.metrics.record_eval(values)
     t.log({"step": t.state.step, "eval": values})
     t.say(f"step {t.state.step}: eval " + ", ".join(f"{k} {v:.4f}" if k != "samples" else f"{k} {v:.0f}"
                                                     for k, v in values.items()))
     return values
-
-
-def evaluate(model: nn.Module, config: Config, launch: Launch, device: torch.device, beat=lambda: None
-             ) -> dict[str, float]:
-    """One pass over data.eval_shards: top-1 (multi-label: precision@1, the top class is one of
-    the image's labels) and the loss, summed over every rank's valid images (padding excluded)."""
-    import torch.distributed as dist
-
-    from vitscale.data import build_eval_loader
-
-    loader = build_eval_loader(config.data, micro_batch_size=config.engine.micro_batch_size,
-                               image_size=config.model.image_size, num_classes=config.model.num_classes,
-                               rank=launch.rank, world_size=launch.world_size)
-    totals = torch.zeros(3, dtype=torch.float64)  # correct, images, loss sum
-    model.eval()
-    with torch.no_grad():
-        for images, targets, valid in loader:
-            beat()
-            logits = model(images.to(device, dtype=input_dtype(config))).float().cpu()  # (B, K)
-            totals += eval_counts(logits, targets, valid, config.data.multi_label)
-    model.train()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    correct, count, loss_sum = totals.tolist()
-    if count == 0:
-        raise DataError(f"data.eval_shards={config.data.eval_shards!r} yielded no images to evaluate")
-    name = "prec@1" if config.data.multi_label else "top1"
-    return {name: correct / count, "loss": loss_sum / count, "samples": count}
-
-
-def eval_counts(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """(correct, valid images, loss sum) for one batch; padded entries (valid False) count nothing."""
-    valid = valid.bool()
-    predicted = logits.argmax(dim=-1)
-    if multi_label:
-        hit = targets.gather(1, predicted[:, None]).squeeze(1) > 0.5
-        loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").sum(-1)
-    else:
-        hit = predicted == targets
-        loss = F.cross_entropy(logits, targets, reduction="none")
-    return torch.tensor([(hit & valid).sum().item(), valid.sum().item(), loss[valid].sum().item()],
-                        dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,12 +467,12 @@ def save_checkpoint(t: Trainer) -> bool:
         shutil.rmtree(path)  # left by an interrupted attempt at this step
     dist.barrier()
     failure = write_checkpoint_files(t, path)
-    ok = _all_reduce([0.0 if failure else 1.0], dist.ReduceOp.MIN)[0] > 0
+    ok = all_reduce([0.0 if failure else 1.0], dist.ReduceOp.MIN)[0] > 0
     if failure:
         print(f"vitscale: rank {t.launch.rank}: checkpoint {path} failed: {failure}", file=sys.stderr, flush=True)
     if t.is_main:
         ok = finish_checkpoint(t, path, ok)
-    ok = _all_reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0  # every rank learns rank 0's verdict
+    ok = all_reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0  # every rank learns rank 0's verdict
     t.watchdog.beat()
     seconds = time.perf_counter() - started
     t.metrics.record_checkpoint(seconds, ok)
