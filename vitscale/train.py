@@ -162,7 +162,12 @@ def build_engine(config: Config, model: nn.Module, ds: dict[str, Any]):
 
     optimizer = build_optimizer(config.optim, model)
     ds = fill_bucket_sizes(ds, sum(p.numel() for p in model.parameters()))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    except ValueError as error:
+        if "not supported on your device" not in str(error):
+            raise
+        raise ConfigError("engine.precision", f"{config.engine.precision}: {error}", "use bf16 or fp32 here") from None
     engine.checkpoint_engine = ckpt.build_checkpoint_engine(engine._config)
     _record_recovery_script_failures(engine)
     optimizer.nonfinite_check = any_rank
@@ -252,6 +257,7 @@ class StepResult:
     skipped: bool
     stop: int              # faults.STOP_* agreed by every rank
     data_wait_seconds: float
+    loss_scale_skip: bool = False
 
 
 def train_step(t: Trainer) -> StepResult:
@@ -278,14 +284,17 @@ def train_step(t: Trainer) -> StepResult:
             t.optimizer.last_step_skipped = None
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
     guard_result = t.optimizer.last_step_skipped
-    # None: DeepSpeed itself skipped the update (its overflow check), on every rank alike.
+    # None: DeepSpeed itself skipped the update (its overflow check), on every rank alike. Under
+    # fp16 with finite losses that is dynamic loss scaling finding its scale, not a fault.
     skipped = True if guard_result is None else guard_result
-    loss_sum, count, term, requeue = all_reduce(
+    loss_sum, count, term, requeue, nonfinite_losses = all_reduce(
         [float(step_loss.nan_to_num(0.0).sum()), float(len(losses)), float(t.stops.requested == faults.STOP_TERM),
-         float(t.stops.requested == faults.STOP_REQUEUE)], dist.ReduceOp.SUM)
+         float(t.stops.requested == faults.STOP_REQUEUE), float(not bool(torch.isfinite(step_loss).all()))],
+        dist.ReduceOp.SUM)
+    loss_scale_skip = guard_result is None and config.engine.precision == "fp16" and not nonfinite_losses
     stop = faults.STOP_REQUEUE if requeue else faults.STOP_TERM if term else faults.STOP_NONE
     mean_loss = float("nan") if skipped else loss_sum / count
-    return StepResult(mean_loss, skipped, stop, data_wait)
+    return StepResult(mean_loss, skipped, stop, data_wait, loss_scale_skip)
 
 
 def micro_batch_backward(t: Trainer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -330,7 +339,9 @@ def train(t: Trainer) -> int:
         state.elapsed_seconds += step_seconds
         t.watchdog.beat()
         window_steps += 1
-        if result.skipped:
+        if result.loss_scale_skip:
+            t.say(f"step {state.step}: fp16 gradients overflowed; DeepSpeed lowered the loss scale and skipped it")
+        elif result.skipped:
             code = record_nonfinite(t)
             if code is not None:
                 return code

@@ -16,7 +16,6 @@ written to a temporary name, fsync'd and renamed. Loading never unpickles arbitr
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import pickle
@@ -242,7 +241,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def rank_state_path(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
-
-
-def disk_full_error(path: Path) -> OSError:
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 # Exit codes of the main job (also in the README).
@@ -167,7 +166,3 @@ def describe_exit(code: int) -> str:
     return {EXIT_OK: "finished", EXIT_NONFINITE: "too many consecutive non-finite steps",
             EXIT_HUNG: "hang detected", EXIT_CHECKPOINT_FAILED: "checkpoint could not be written",
             EXIT_STOPPED: "stopped on request after saving a checkpoint"}.get(code, f"exit {code}")
-
-
-def stack_dump_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / f"stacks_rank{rank}.txt"
