@@ -154,16 +154,16 @@ def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
         writer.writerows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(column, row[column]) for column in COLUMNS) + " |")
     (out / "results.md").write_text("Ablations on the digits demo data (held-out top-1 and 5-shot accuracy; "
                                     "chance is 0.100).\n\n" + "\n".join(lines) + "\n")
     return out / "results.md", out / "results.csv"
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.1f}" if value > 10 else f"{value:.3f}"
-    return str(value)
+def _cell(column: str, value) -> str:
+    if column == "seconds":
+        return f"{value:.0f}"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
