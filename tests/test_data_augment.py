@@ -49,6 +49,17 @@ def test_random_resized_crop_matches_torchvision(fast_decode):
     assert max(errors) < (0.5 if not fast_decode else 2.0), errors
 
 
+@pytest.mark.parametrize("width,height", [(500, 375), (333, 501)])
+def test_fast_decode_of_sizes_not_divisible_by_the_dct_block_matches_torchvision(width, height):
+    # 500x375 decodes at 1/8 to 63x47 (rounded up): a box scaled by 63/500 overruns the height.
+    data = photo_jpeg(width, height)
+    augment = Augment(16, train=True, fast_decode=True)
+    for seed in range(64):
+        ours = augment(data, seed).to(torch.int16)
+        reference = torchvision_reference(data, seed, 16).to(torch.int16)
+        assert (ours - reference).abs().float().mean() < 12.0, seed
+
+
 def test_eval_transform_is_a_centre_crop():
     data = photo_jpeg(640, 427)
     ours = Augment(128, train=False, fast_decode=False)(data, 0).to(torch.int16)

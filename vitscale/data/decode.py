@@ -183,10 +183,14 @@ class Augment:
             scale = self.image_size / min(width, height)
             if scale < 1:
                 image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
-        factor = image.size[0] / full_width
+        # DCT scaling divides both axes by the same power of two (the last block may be partial,
+        # so the reduced size is rounded up: the ratio of sizes is not the exact factor).
+        reduction = 2 ** round(math.log2(full_width / image.size[0]))
         image = load_rgb(image)
-        if factor != 1:  # reduced decode: PIL takes the crop box in fractional pixels, exactly
-            box = (left * factor, top * factor, (left + width) * factor, (top + height) * factor)
+        if reduction != 1:  # reduced decode: PIL takes the crop box in fractional pixels, exactly
+            reduced_width, reduced_height = image.size
+            box = (left / reduction, top / reduction, min((left + width) / reduction, reduced_width),
+                   min((top + height) / reduction, reduced_height))
             image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR, box=box)
             return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
         if (left, top, width, height) != (0, 0) + image.size:
