@@ -91,5 +91,9 @@ def run_all(args: argparse.Namespace) -> int:
         if sub_args is None:
             print(f"skipped: {SUB_BENCHMARKS[name][0]} is missing or needs arguments; run `vitscale bench {name} -h`")
             continue
-        status = max(status, int(_module(name).run(sub_args) or 0))
+        try:
+            status = max(status, int(_module(name).run(sub_args) or 0))
+        except Exception as error:  # one broken benchmark must not hide the others' results
+            print(f"vitscale bench {name} failed: {type(error).__name__}: {error}")
+            status = 1
     return status
