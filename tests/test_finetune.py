@@ -169,3 +169,33 @@ def test_unusable_sources_are_named(tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_00000010").mkdir(parents=True)  # interrupted save
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         build_finetune_model(finetune_config(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_checkpoint_weights_are_the_fp32_master_weights(tmp_path):
+    """From a bf16 ZeRO-2 checkpoint, fine-tuning starts from the fp32 master weights (the
+    optimizer partitions), not the bf16 copy the module holds."""
+    import os
+    import subprocess
+    import sys
+
+    from vitscale.data.datasets import write_digits_shards
+    from vitscale.engine.checkpoint import latest_complete, safe_torch_load
+    from vitscale.research.finetune import load_checkpoint_weights
+
+    train_shards, _ = write_digits_shards(tmp_path / "digits", image_size=32)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "vitscale", "train", "--config", "configs/ablations/base.yaml",
+                           f"data.train_shards={train_shards}", "data.eval_shards=", "data.num_workers=1",
+                           "metrics.port=0", f"run.output_dir={tmp_path}", "run.name=bf16", "run.steps=3",
+                           "model.depth=1", "model.width=32", "model.mlp_dim=64", "engine.precision=bf16",
+                           "engine.zero_stage=2", "engine.micro_batch_size=16", "engine.global_batch_size=16"],
+                          cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    state, config = load_checkpoint_weights(tmp_path / "bf16")
+    module = safe_torch_load(latest_complete(tmp_path / "bf16") / "mp_rank_00_model_states.pt")["module"]
+    assert config.engine.precision == "bf16" and set(state) == set(module)
+    weight = "blocks.0.mlp.fc1.weight"
+    assert module[weight].dtype == torch.bfloat16 and state[weight].dtype == torch.float32
+    torch.testing.assert_close(state[weight].to(torch.bfloat16), module[weight], rtol=0, atol=0)
+    assert not torch.equal(state[weight], module[weight].float())  # fp32 detail beyond bf16

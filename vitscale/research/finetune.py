@@ -45,10 +45,11 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"
 
 
 def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"]:  # noqa: F821
-    """Module weights and config of a training checkpoint (a run directory picks its latest
-    complete one). ZeRO-0/1/2 checkpoints hold the whole module in mp_rank_00_model_states.pt."""
+    """fp32 weights and config of a training checkpoint (a run directory picks its latest
+    complete one): from the ZeRO optimizer partitions when there are any (exact fp32 master
+    weights, and the only complete copy under ZeRO-3), else from the module states."""
     from vitscale.config import config_from_dict
-    from vitscale.engine.checkpoint import resolve_checkpoint, safe_torch_load
+    from vitscale.engine.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(path)
     config_file = directory / "config.yaml"
@@ -59,12 +60,36 @@ def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
         config = config_from_dict(yaml.safe_load(config_file.read_text()) or {}).validate()
     except VitscaleError as error:
         raise CheckpointError(f"{config_file} is not a valid config ({error})") from None
+    if any(directory.glob("*zero_pp_rank_*_optim_states.pt")):
+        state = _zero_fp32_weights(directory)
+    else:
+        state = _module_weights(directory)
+    return {name: tensor.float() for name, tensor in state.items()}, config
+
+
+def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own consolidation of the fp32 partitions (read with weights_only loads)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from vitscale.engine.checkpoint import torch_load_weights_only
+
+    try:
+        with torch_load_weights_only():
+            return get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"{directory}: cannot consolidate its ZeRO partitions ({first_line}); "
+                              "resume it with the world size that wrote it, or start from exported weights") from None
+
+
+def _module_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from vitscale.engine.checkpoint import safe_torch_load
+
     states = safe_torch_load(directory / "mp_rank_00_model_states.pt")
     module = states.get("module") if isinstance(states, dict) else None
     if not module:
-        raise CheckpointError(f"{directory} holds no module weights (a ZeRO-3 checkpoint keeps them sharded); "
-                              f"export them first: vitscale export {directory}")
-    return {name: tensor.float() for name, tensor in module.items()}, config
+        raise CheckpointError(f"{directory} holds no module weights; export them first: vitscale export {directory}")
+    return module
 
 
 def check_compatible(source: ModelConfig, target: ModelConfig, *, reset_head: bool) -> None:
