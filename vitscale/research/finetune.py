@@ -88,7 +88,7 @@ def _module_weights(directory: Path) -> dict[str, torch.Tensor]:
     states = safe_torch_load(directory / "mp_rank_00_model_states.pt")
     module = states.get("module") if isinstance(states, dict) else None
     if not module:
-        raise CheckpointError(f"{directory} holds no module weights; export them first: vitscale export {directory}")
+        raise CheckpointError(f"{directory} holds no module weights; export them first: vitscale export {directory} weights.safetensors")
     return module
 
 
@@ -137,7 +137,8 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
              if k in expected and v.shape != expected[k].shape]
     if wrong:  # e.g. a ZeRO-3 checkpoint's empty placeholders
         raise CheckpointError(f"{source}: tensor shapes do not fit its config ({', '.join(wrong[:3])}); "
-                              "export the weights with `vitscale export` and start from the .safetensors file")
+                              "export the weights with `vitscale export CHECKPOINT OUT.safetensors` and "
+                              "start from that file")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model its config describes (missing {missing[:3]}, "
