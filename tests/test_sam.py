@@ -1,6 +1,7 @@
 """SAM / GSAM: one step against a hand-computed reference (closed-form least squares), against an
 independent torch.func implementation on a tiny ViT, the rho schedule, exact restoration, the
-config rules (ZeRO-3 and fp16 rejected), and through DeepSpeed ZeRO 0/1/2 (and accumulation) against plain PyTorch."""
+config rules (ZeRO-3 and fp16 rejected), and through DeepSpeed ZeRO 0/1/2 (also with gradient
+accumulation) against plain PyTorch."""
 
 from __future__ import annotations
 
