@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_engine_support import REPO, engine_digits, free_port, run_job, step_losses, tiny_args  # noqa: F401
+from test_engine_support import REPO, engine_digits, free_port, read_log, run_job, step_losses, tiny_args  # noqa: F401
 from vitscale.engine.export import export_checkpoint
 from vitscale.model.weights import load_weights
 
@@ -201,3 +201,27 @@ def test_demo_command_runs_the_main_job_under_torchrun(tmp_path):
     assert re.search(r"step 25/40 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ images/s \| ETA \d+:\d\d:\d\d", result.stdout)
     accuracy = float(re.search(r"held-out accuracy ([\d.]+)%", result.stdout).group(1))
     assert accuracy > 25, result.stdout[-2000:]  # chance is 10%
+
+
+def test_periodic_fewshot_evaluation_runs_in_the_training_loop(tmp_path, engine_digits):
+    """fewshot.every=N: the frozen representation is scored by the paper's few-shot regression
+    every N steps and the results land in log.jsonl next to the step records."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    args = tiny_args(run_dir, engine_digits, "run.steps=4", "fewshot.every=2", f"fewshot.train_shards={engine_digits[0]}",
+                     f"fewshot.test_shards={engine_digits[1]}", "fewshot.shots=[1,5]", "fewshot.max_test_images=200")
+    result = subprocess.run([sys.executable, "-m", "vitscale", "train", *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    evals = [r for r in read_log(run_dir) if "eval" in r and "fewshot_1shot" in r["eval"]]
+    assert [r["step"] for r in evals] == [2, 4]
+    for record in evals:
+        assert set(record["eval"]) == {"fewshot_1shot", "fewshot_5shot"}
+        # 10 classes: chance is 0.1; even a barely trained ViT's features are far above it on digits.
+        assert 0.2 < record["eval"]["fewshot_5shot"] <= 1.0, record

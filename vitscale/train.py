@@ -43,6 +43,7 @@ from vitscale.engine.evaluate import evaluate, input_dtype
 from vitscale.engine.objectives import build_objective
 from vitscale.engine.optim import build_optimizer, learning_rate, set_learning_rate
 from vitscale.errors import CheckpointError, ConfigError, VitscaleError
+from vitscale.evaluation.fewshot import FewShotEvaluator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +219,7 @@ class Trainer:
     state: TrainerState = field(default_factory=TrainerState)
     batches: Iterator | None = None
     log_file: Any = None
+    fewshot: Any = None            # FewShotEvaluator when fewshot.every > 0
 
     @property
     def run_dir(self) -> Path:
@@ -354,6 +356,8 @@ def train(t: Trainer) -> int:
             window_started, window_steps = time.perf_counter(), 0
         if config.engine.eval_every and state.step % config.engine.eval_every == 0 and state.step < total:
             run_evaluation(t)
+        if t.fewshot is not None and state.step % config.fewshot.every == 0:
+            run_fewshot(t)
         if result.stop:
             return stop_on_request(t, result.stop)
         if config.engine.checkpoint_every and state.step % config.engine.checkpoint_every == 0 \
@@ -457,6 +461,19 @@ def run_evaluation(t: Trainer) -> dict[str, float]:
     t.log({"step": t.state.step, "eval": values})
     t.say(f"step {t.state.step}: eval " + ", ".join(f"{k} {v:.4f}" if k != "samples" else f"{k} {v:.0f}"
                                                     for k, v in values.items()))
+    return values
+
+
+def run_fewshot(t: Trainer) -> dict[str, float]:
+    """The paper's few-shot linear evaluation of the frozen representation. Every rank runs it on
+    the whole few-shot data: ZeRO-3's forward is collective, and elsewhere it keeps the ranks in
+    step instead of leaving them waiting in the next collective."""
+    t.watchdog.beat()
+    values = t.fewshot.evaluate(t.engine.module, device=t.device)
+    t.watchdog.beat()
+    t.metrics.record_eval(values)
+    t.log({"step": t.state.step, "eval": values})
+    t.say(f"step {t.state.step}: few-shot " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     return values
 
 
@@ -574,6 +591,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
                                   world_size=launch.world_size, job_id=launch.job_id, model_name=config.model.name,
                                   run_dir=config.run.directory)
         trainer = Trainer(config, launch, device, engine, optimizer, objective, loader, metrics, stops, watchdog)
+        trainer.fewshot = FewShotEvaluator.from_config(config)
         if launch.rank == 0:
             trainer.log_file = open(config.run.directory / "log.jsonl", "a")
         if prepared.resume_from is not None:
