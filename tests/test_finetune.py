@@ -100,7 +100,7 @@ def pretrain_on_digits(tmp_path):
     torch.manual_seed(0)
     model = build_model(config.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    for step in range(150):
+    for step in range(100):
         batch = torch.randint(0, len(x), (64,))
         loss = F.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad()
@@ -147,7 +147,7 @@ def test_finetuning_at_new_resolution_improves_on_digits(tmp_path):
     print(f"fine-tuned: loss {losses[0]:.4f} -> {sum(losses[-5:]) / 5:.4f}, held-out top1 {top1:.3f}")
     assert abs(losses[0] - math.log(10)) < 1e-3       # zero head: uniform predictions at step 1
     assert sum(losses[-5:]) / 5 < losses[0] - 0.3
-    # Chance is 0.10, and the zero head starts there; measured 0.51 after 30 steps. The same
+    # Chance is 0.10, and the zero head starts there; measured 0.45 after 30 steps. The same
     # recipe from a random initialisation reached 0.09 (not rerun here, to save time).
     assert top1 > 0.35
     # The run's checkpoint holds the resampled 8x8 grid and the new head, no pre-logits.
