@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+import transformers
 from safetensors.torch import save_file
 
 from vitscale.cli import main as vitscale_main
@@ -20,18 +22,10 @@ from vitscale.interop.cli import convert
 from vitscale.model import ModelConfig, build_model
 from vitscale.model.weights import load_model, save_weights
 
-timm = pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster single-threaded on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
