@@ -235,7 +235,10 @@ def test_launch_environment_from_slurm_without_torchrun(monkeypatch):
     from vitscale.train import Launch
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+        # from_environment writes these into os.environ; set-then-delete makes monkeypatch
+        # restore their absence afterwards, so later tests' subprocesses don't inherit rank 5 of 8.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
