@@ -121,8 +121,7 @@ class ReaderRun:
         self.shard_urls = [spec.urls[i] for i in order]
         counts = np.asarray(spec.counts)[order]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
-        emit_order, _ = plan.reader_order(reader, spec.buffer_size, spec.seed)
-        self.emit = emit_order[batches_done * spec.topology.micro_batch:]
+        self.emit = plan.reader_order(reader, spec.buffer_size, spec.seed)[batches_done * spec.topology.micro_batch:]
         self.first_batch = batches_done
         self.skipped: collections.Counter = collections.Counter()
         self.last_good: tuple[dict, int | torch.Tensor] | None = None

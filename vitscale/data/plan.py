@@ -91,29 +91,20 @@ def consumed_per_worker(counts: list[int], batches_yielded: int) -> list[int]:
     return done
 
 
-def buffer_shuffle_order(length: int, buffer_size: int, rng_key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Emission order of a streaming shuffle buffer over slots 0..length-1.
-
-    Returns (order, arrivals): order[i] is the slot emitted i-th, arrivals[i] how many slots must
-    have been read before that emission. Slots arrive in order; the buffer holds `buffer_size`.
-    """
+def buffer_shuffle_order(length: int, buffer_size: int, rng_key: tuple[int, ...]) -> np.ndarray:
+    """Emission order of a streaming shuffle buffer over slots 0..length-1: order[i] is the slot
+    emitted i-th. Slots arrive in order; the buffer holds `buffer_size`."""
     rng = np.random.default_rng(list(rng_key))
     size = max(1, min(buffer_size, length))
     if size == 1:
-        ident = np.arange(length)
-        return ident, ident + 1
+        return np.arange(length)
     picks = rng.integers(0, size, size=max(0, length - size))
     buffer = list(range(size))
     order = np.empty(length, dtype=np.int64)
-    arrivals = np.empty(length, dtype=np.int64)
     for i, pick in enumerate(picks):  # buffer full: emit one, take the next slot in its place
         order[i], buffer[pick] = buffer[pick], size + i
-        arrivals[i] = size + i
-    tail = rng.permutation(len(buffer))
-    n = len(picks)
-    order[n:] = np.asarray(buffer)[tail]
-    arrivals[n:] = length
-    return order, arrivals
+    order[len(picks):] = np.asarray(buffer)[rng.permutation(len(buffer))]
+    return order
 
 
 @dataclass
@@ -128,10 +119,6 @@ class EpochPlan:
     # Their ids in reading order; None means all of them, 0..num_samples-1 (no array for 14M ids).
     sequence: np.ndarray | None = None
 
-    @property
-    def padded_length(self) -> int:
-        return self.steps * self.topology.world_size * self.topology.micro_batch
-
     def sample_at(self, position: int) -> tuple[int, bool]:
         """(sample id, is_padding) of a padded position."""
         index = position % self.num_samples
@@ -141,7 +128,7 @@ class EpochPlan:
     def ids(self) -> np.ndarray:
         return np.arange(self.num_samples, dtype=np.int64) if self.sequence is None else self.sequence
 
-    def reader_order(self, reader: Reader, buffer_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def reader_order(self, reader: Reader, buffer_size: int, seed: int) -> np.ndarray:
         key = (seed, self.epoch, self.segment, reader.start, 0xB0F)
         return buffer_shuffle_order(reader.length, buffer_size, key)
 
@@ -171,7 +158,7 @@ def _unseen(plan: EpochPlan, batches_per_rank: int, seed: int, buffer_size: int)
         rank_readers = readers(plan.steps, plan.topology, rank)
         done = consumed_per_worker([r.batches for r in rank_readers], batches_per_rank)
         for reader, batches in zip(rank_readers, done):
-            order, _ = plan.reader_order(reader, buffer_size, seed)
+            order = plan.reader_order(reader, buffer_size, seed)
             positions = reader.start + order[: batches * plan.topology.micro_batch]
             seen[positions[positions < n]] = True
     return plan.ids()[~seen]
