@@ -54,6 +54,10 @@ class TrainingMetrics:
         self.registry = CollectorRegistry()
         self._labels = {"job_id": self.job_id, "rank": str(rank), "model": model_name}
         self._define_metrics()
+        # Construct after the engine placed the model: CUDA is initialised by then on GPU runs.
+        self._cuda = _initialised_cuda()
+        if self._cuda is None:  # CPU run: /proc is read when scraped, not on every step
+            self._with(self.device_memory, kind="resident").set_function(_resident_bytes)
         self._last_step = 0
         self._skipped_totals: dict[str, int] = {}
         self._server = None
@@ -252,13 +256,11 @@ class TrainingMetrics:
             log.warning(straggler.message())
 
     def _record_device_memory(self) -> None:
-        torch = sys.modules.get("torch")  # never import torch just for this
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            self._with(self.device_memory, kind="allocated").set(torch.cuda.memory_allocated())
-            self._with(self.device_memory, kind="reserved").set(torch.cuda.memory_reserved())
-            self._with(self.device_memory, kind="peak_allocated").set(torch.cuda.max_memory_allocated())
-        else:
-            self._with(self.device_memory, kind="resident").set(_resident_bytes())
+        cuda = self._cuda
+        if cuda is not None:
+            self._with(self.device_memory, kind="allocated").set(cuda.memory_allocated())
+            self._with(self.device_memory, kind="reserved").set(cuda.memory_reserved())
+            self._with(self.device_memory, kind="peak_allocated").set(cuda.max_memory_allocated())
 
     # -----------------------------------------------------------------------------------------
 
@@ -291,6 +293,13 @@ def _initialised_torch_distributed():
     if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None
     return torch.distributed
+
+
+def _initialised_cuda():
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
 
 
 def _resident_bytes() -> float:
