@@ -148,13 +148,10 @@ def plot_eval(log: RunLog):
     return fig
 
 
-def write_report(run_dir: str | Path, output: str | Path | None = None, window: int = 20) -> list[Path]:
-    """Render every available curve to PNG; returns the files written."""
+def write_report(log: RunLog, output: Path, window: int = 20) -> list[Path]:
+    """Render every available curve of `log` to PNG files in `output`; returns the files written."""
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    log = load_run_log(run_dir / "log.jsonl")
-    output = Path(output) if output else run_dir / "report"
     output.mkdir(parents=True, exist_ok=True)
     figures = {"loss": plot_loss(log, window), "lr": plot_lr(log), "throughput": plot_throughput(log)}
     if log.has("mfu"):  # CPU runs log null: no peak FLOP/s to divide by
@@ -192,8 +189,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.window < 1:
         raise RunLogError(f"--window must be >= 1, got {args.window}")
-    log = load_run_log(Path(args.run_dir) / "log.jsonl")
-    written = write_report(args.run_dir, args.output, args.window)
+    run_dir = Path(args.run_dir)
+    log = load_run_log(run_dir / "log.jsonl")
+    written = write_report(log, Path(args.output) if args.output else run_dir / "report", args.window)
     print(summary(log))
     if log.bad_lines:
         print(f"skipped {log.bad_lines} unreadable line(s) of log.jsonl")
