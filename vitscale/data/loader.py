@@ -150,7 +150,7 @@ class ReaderRun:
         current, offset, samples = -1, 0, iter(())
         for slot in slots:
             sample_id, _ = self.plan.sample_at(self.reader.start + int(slot))
-            shard = int(np.searchsorted(self.shard_starts, sample_id, side="right")) - 1
+            shard = self._shard_of(sample_id)
             wanted = sample_id - int(self.shard_starts[shard])
             if shard != current or offset > wanted:
                 current, offset, samples, ended = shard, 0, iter_shard(self.shard_urls[shard]), None
@@ -194,11 +194,9 @@ class ReaderRun:
             raise DataError(f"shard {shard}, sample {key}: {reason} ({detail}); fix or remove it, "
                             f"or set data.strict=false to skip such samples")
         self.skipped[reason] += 1
-        if self.spec.ledger:
-            record = {"shard": shard, "key": key, "reason": reason, "detail": detail[:200],
-                      "epoch": self.plan.epoch, "rank": self.spec.rank, "worker": self.reader.worker}
-            with open(self.spec.ledger, "a") as ledger:  # O_APPEND: whole lines from each worker
-                ledger.write(json.dumps(record) + "\n")
+        append_ledger(self.spec.ledger, {"shard": shard, "key": key, "reason": reason, "detail": detail[:200],
+                                         "epoch": self.plan.epoch, "rank": self.spec.rank,
+                                         "worker": self.reader.worker})
         return ("refill", seed)
 
     def refill(self, seed: int):
@@ -244,6 +242,13 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return out.copy_(images).sub_(mean).div_(std)  # in place: 10x faster than fresh temporaries
 
 
+def append_ledger(path: str | None, record: dict) -> None:
+    """One skipped-sample record; O_APPEND keeps each worker's lines whole. No ledger: no-op."""
+    if path:
+        with open(path, "a") as ledger:
+            ledger.write(json.dumps(record) + "\n")
+
+
 def sample_seed(seed: int, epoch: int, sample_id: int, pad_position: int) -> int:
     """Augmentation seed of one sample in one epoch: independent of rank, worker and resume."""
     return int(np.random.SeedSequence([seed, epoch, sample_id, pad_position + 1]).generate_state(1)[0])
@@ -278,11 +283,9 @@ class _RankLoader:
                                 f"or set data.strict=false to skip it)")
             if spec.rank == 0:
                 self._skipped_before["missing_shard"] += 1
-                if spec.ledger:
-                    with open(spec.ledger, "a") as ledger:
-                        ledger.write(json.dumps({"shard": url, "key": "", "reason": "missing_shard",
-                                                 "detail": "not found; no index entry", "epoch": 0, "rank": 0,
-                                                 "worker": -1}) + "\n")
+                append_ledger(spec.ledger, {"shard": url, "key": "", "reason": "missing_shard",
+                                            "detail": "not found; no index entry", "epoch": 0, "rank": 0,
+                                            "worker": -1})
 
     def skipped_samples(self) -> dict[str, int]:
         """Cumulative skipped/corrupt sample counts by reason, on this rank (all workers)."""
