@@ -64,7 +64,7 @@ def load_for_eval(weights: str, overrides, device: str):
     """The model (eval mode, on `device`) and its config with the overrides applied."""
     from vitscale.config import apply_override, config_from_dict
     from vitscale.model import build_model
-    from vitscale.research.finetune import PRETRAINING_ONLY_PREFIXES, load_pretrained
+    from vitscale.research.finetune import load_pretrained
 
     if _is_foreign(Path(weights)):  # timm / Hugging Face / .npz: converted on the fly
         from vitscale.interop.cli import import_weights
@@ -77,7 +77,6 @@ def load_for_eval(weights: str, overrides, device: str):
             for item in overrides:
                 apply_override(raw, item)
             config = config_from_dict(raw).validate()
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PRETRAINING_ONLY_PREFIXES)}
     model = build_model(config.model)
     try:
         model.load_state_dict(state_dict)

@@ -35,7 +35,8 @@ ARCHITECTURE_FIELDS = ("in_channels", "classifier", "pos_embed", "norm_position"
 
 
 def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"]:  # noqa: F821
-    """(fp32 state_dict on CPU, the Config the weights were trained with)."""
+    """(fp32 state_dict on CPU, the Config the weights were trained with); the state_dict is
+    checked to fit the VisionTransformer that config builds."""
     path = Path(path)
     if path.suffix == ".safetensors" or path.is_file():
         from vitscale.model.weights import load_weights
@@ -47,9 +48,12 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"
 def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"]:  # noqa: F821
     """fp32 weights and config of a training checkpoint (a run directory picks its latest
     complete one): from the ZeRO optimizer partitions when there are any (exact fp32 master
-    weights, and the only complete copy under ZeRO-3), else from the module states."""
+    weights, and the only complete copy under ZeRO-3), else from the module states. As with
+    exported weights, only the VisionTransformer's tensors are returned (pretraining-only
+    extras are dropped), checked against the model the config describes."""
     from vitscale.config import config_from_dict
     from vitscale.engine.checkpoint import resolve_checkpoint
+    from vitscale.model.weights import check_state_dict
 
     directory = resolve_checkpoint(path)
     config_file = directory / "config.yaml"
@@ -64,7 +68,10 @@ def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
         state = _zero_fp32_weights(directory)
     else:
         state = _module_weights(directory)
-    return {name: tensor.float() for name, tensor in state.items()}, config
+    state = {name: tensor.float() for name, tensor in state.items()
+             if not name.startswith(PRETRAINING_ONLY_PREFIXES)}
+    check_state_dict(state, config.model, source=str(directory))
+    return state, config
 
 
 def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -118,8 +125,7 @@ def build_finetune_model(config) -> VisionTransformer:
     reset_head = config.finetune.reset_head
     check_compatible(source_config.model, target_config, reset_head=reset_head)
     source = build_model(source_config.model)
-    state = {k: v for k, v in state.items() if not k.startswith(PRETRAINING_ONLY_PREFIXES)}
-    _load_strict(source, state, str(config.finetune.init_from))
+    source.load_state_dict(state)
     if source.shape.image_size != target_config.image_size:
         source.resample_position_embeddings(target_config.image_size)
     target = build_model(target_config)
@@ -129,20 +135,6 @@ def build_finetune_model(config) -> VisionTransformer:
     if reset_head:
         _zero_head(target)
     return target
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
-             if k in expected and v.shape != expected[k].shape]
-    if wrong:  # e.g. a ZeRO-3 checkpoint's empty placeholders
-        raise CheckpointError(f"{source}: tensor shapes do not fit its config ({', '.join(wrong[:3])}); "
-                              "export the weights with `vitscale export CHECKPOINT OUT.safetensors` and "
-                              "start from that file")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not fit the model its config describes (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); export it again from its run")
 
 
 def _zero_head(model: VisionTransformer) -> None:
