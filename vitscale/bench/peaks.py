@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from vitscale.errors import ConfigError
+from vitscale.kernels.selection import device_label
 
 TERA = 1e12
 PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
@@ -59,12 +60,6 @@ def lookup_peak_tflops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    return device.type
-
-
 def peak_flops(device: torch.device, precision: str, override: float | None) -> float | None:
     """FLOP/s peak for MFU. `override` is in FLOP/s and wins; CPUs and unknown GPUs give None."""
     if override is not None:
@@ -74,5 +69,5 @@ def peak_flops(device: torch.device, precision: str, override: float | None) -> 
         return float(override)
     if device.type != "cuda":
         return None
-    tflops = lookup_peak_tflops(device_name(device), precision)
+    tflops = lookup_peak_tflops(device_label(device), precision)
     return tflops * TERA if tflops else None
