@@ -20,30 +20,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.daemons import free_port
 from vitscale.config import load_config
 from vitscale.errors import ConfigError
 from vitscale.metrics import MetricsConfig, TrainingMetrics
 from vitscale.metrics.stragglers import find_stragglers
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port_pair() -> int:
-    """A base port p with p and p + 1 both free on loopback."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base >= 65535:
-            continue
-        try:
-            with socket.socket() as first, socket.socket() as second:
-                first.bind(("127.0.0.1", base))
-                second.bind(("127.0.0.1", base + 1))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -67,7 +50,7 @@ def metrics_factory(tmp_path):
     created = []
 
     def make(**overrides):
-        cfg = MetricsConfig(port=overrides.pop("port", free_port_pair()),
+        cfg = MetricsConfig(port=overrides.pop("port", free_port(2)),
                             file_sd_dir=overrides.pop("file_sd_dir", str(tmp_path / "targets")), **overrides)
         metrics = TrainingMetrics(cfg, rank=0, local_rank=0, world_size=1, job_id="4242",
                                   model_name="H/14", run_dir=tmp_path / "run_a")
@@ -188,7 +171,7 @@ def test_unwritable_target_directory_warns_and_training_goes_on(metrics_factory,
 
 
 def test_job_id_cannot_escape_the_target_directory(tmp_path):
-    cfg = MetricsConfig(port=free_port_pair(), file_sd_dir=str(tmp_path / "targets"))
+    cfg = MetricsConfig(port=free_port(2), file_sd_dir=str(tmp_path / "targets"))
     with TrainingMetrics(cfg, rank=0, local_rank=0, world_size=1, job_id="../../x;$(id)",
                          model_name="B/16", run_dir=tmp_path / "r") as metrics:
         assert metrics.target_file.parent == tmp_path / "targets"
@@ -247,7 +230,7 @@ TWO_RANKS = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_rank0_lists_every_rank_gathered_over_torch_distributed(tmp_path):
-    base, rendezvous = free_port_pair(), free_port_pair()
+    base, rendezvous = free_port(2), free_port(2)
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
     targets = tmp_path / "targets"
