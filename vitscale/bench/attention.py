@@ -21,6 +21,7 @@ from vitscale.errors import ConfigError
 from vitscale.kernels import selection
 from vitscale.model.attention import attention
 from vitscale.model.config import ModelConfig
+from vitscale.model.flops import tokens_per_image
 
 BASELINE = "sdpa"
 # ViT-H/14 cannot run at 384 px (not a multiple of 14); 392 (28 x 28 patches) is its neighbour.
@@ -46,8 +47,9 @@ class AttentionShape:
 
 
 def vit_attention_shape(model: str, image_size: int, batch: int) -> AttentionShape:
-    shape = ModelConfig(name=model, image_size=image_size).shape()
-    return AttentionShape(model, image_size, batch, shape.heads, shape.num_patches + 1, shape.head_dim)
+    config = ModelConfig(name=model, image_size=image_size)
+    shape = config.shape()
+    return AttentionShape(model, image_size, batch, shape.heads, tokens_per_image(config), shape.head_dim)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

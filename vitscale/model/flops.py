@@ -51,8 +51,7 @@ def head_flops(config: ModelConfig, width: int) -> int:
 
 def forward_flops_per_image(config: ModelConfig) -> float:
     shape = config.shape()
-    extra_tokens = 1 if config.classifier == "token" else 0
-    tokens = shape.num_patches + extra_tokens
+    tokens = tokens_per_image(config)
     patch_embed = matmul_flops(shape.num_patches, config.in_channels * shape.patch_size ** 2, shape.width)
     blocks = shape.depth * encoder_block_flops(tokens, shape.width, shape.mlp_dim)
     pool = map_head_flops(tokens, shape.width, shape.mlp_dim) if config.classifier == "map" else 0
