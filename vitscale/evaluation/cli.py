@@ -90,9 +90,9 @@ def _is_foreign(path: Path) -> bool:
     if path.suffix == ".npz" or (path.is_dir() and (path / "config.json").is_file()):
         return True
     if path.suffix == ".safetensors" and path.is_file():
-        from vitscale.model.weights import META_CONFIG, read_safetensors
+        from vitscale.model.weights import META_CONFIG, read_safetensors_header
 
-        return META_CONFIG not in read_safetensors(path)[1]
+        return META_CONFIG not in read_safetensors_header(path)[1]
     return False
 
 

@@ -56,12 +56,12 @@ def detect_format(path: str | Path) -> str:
     if path.suffix == ".npz":
         return "npz"
     if path.suffix == ".safetensors":
-        from vitscale.model.weights import META_CONFIG, read_safetensors
+        from vitscale.model.weights import META_CONFIG, read_safetensors_header
 
-        tensors, metadata = read_safetensors(path)
+        names, metadata = read_safetensors_header(path)
         if META_CONFIG in metadata:
             return "vitscale"
-        return format_of_keys(tensors.keys(), path)
+        return format_of_keys(names, path)
     return format_of_keys(read_state_dict(path).keys(), path)
 
 

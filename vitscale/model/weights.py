@@ -84,17 +84,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Any safetensors file -> (tensors, metadata), with a CheckpointError if it is not one."""
+    return _read_safetensors(path, tensors=True)
+
+
+def read_safetensors_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """Any safetensors file -> (tensor names, metadata), reading only its header."""
+    return _read_safetensors(path, tensors=False)
+
+
+def _read_safetensors(path: str | Path, *, tensors: bool):
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            names = list(handle.keys())
+            content = {name: handle.get_tensor(name) for name in names} if tensors else names
     except Exception as error:  # safetensors raises SafetensorError, OSError or ValueError
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is not a readable safetensors file ({first_line}); "
                               "vitscale weights come from `vitscale export` or `vitscale convert`") from None
-    return tensors, metadata
+    return content, metadata
 
 
 def _config_from_metadata(path: Path, metadata: dict[str, str]):
