@@ -14,10 +14,8 @@ from pathlib import Path
 
 from vitscale.config import add_config_arguments, config_from_args
 from vitscale.data.decode import LabelSpec, load_class_map
-from vitscale.data.loader import check_shard_count
-from vitscale.data import plan as planning
 from vitscale.data.shard_tools import check_shards, describe_plan, write_check_index, write_from_source
-from vitscale.data.shards import INDEX_NAME, index_path_for, expand_shards
+from vitscale.data.shards import INDEX_NAME, index_path_for
 from vitscale.errors import DataError
 
 
@@ -82,11 +80,9 @@ def run_plan(args) -> int:
     config = config_from_args(args)
     data = config.data
     spec = data.train_shards if args.split == "train" else data.eval_shards
-    topology = planning.Topology(args.world_size, max(1, data.num_workers), config.engine.micro_batch_size)
-    check_shard_count(len(expand_shards(spec, allow_shell=data.allow_shell)), topology, data.few_shards,
-                      f"data.{args.split}_shards")
     plan = describe_plan(spec, index=data.index, world_size=args.world_size, workers=data.num_workers,
-                         micro_batch=config.engine.micro_batch_size, allow_shell=data.allow_shell)
+                         micro_batch=config.engine.micro_batch_size, allow_shell=data.allow_shell,
+                         few_shards=data.few_shards, key=f"data.{args.split}_shards")
     for key, value in plan.items():
         print(f"{key}: {value}")
     if plan["shared_shards"]:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from vitscale.data import plan as planning
 from vitscale.data.decode import IMAGE_EXTENSIONS, LabelSpec, SampleError, decode_image, decode_target, image_bytes
+from vitscale.data.loader import check_shard_count
 from vitscale.data.shards import INDEX_NAME, expand_shards, iter_shard, shard_name, shard_sample_counts, write_index
 from vitscale.data.writer import write_shards
 from vitscale.errors import DataError
@@ -182,10 +183,12 @@ def write_check_index(reports: list[ShardReport], path: Path) -> Path:
 
 
 def describe_plan(spec: str, *, index: str, world_size: int, workers: int, micro_batch: int,
-                  allow_shell: bool) -> dict:
-    urls = expand_shards(spec, allow_shell=allow_shell)
-    counts = shard_sample_counts(urls, index)
+                  allow_shell: bool, few_shards: str = "rebalance", key: str = "data.train_shards") -> dict:
+    """Raises like the loader would when `few_shards` is "refuse" and there are too few shards."""
+    urls = expand_shards(spec, allow_shell=allow_shell, key=key)
     topology = planning.Topology(world_size, max(1, workers), micro_batch)
+    check_shard_count(len(urls), topology, few_shards, key)
+    counts = shard_sample_counts(urls, index)
     total = sum(counts)
     steps = planning.steps_for(total, topology)
     readers = world_size * topology.workers
