@@ -44,6 +44,10 @@ def shape_fields(*, depth: int, width: int, mlp_dim: int, heads: int | None, pat
     return fields, unknown
 
 
+def is_square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
+
+
 def grid_from_positions(positions: int, extra_tokens: int, source: str) -> int:
     """Side of the square patch grid from a position table's length."""
     grid = math.isqrt(positions - extra_tokens)

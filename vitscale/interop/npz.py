@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from vitscale.errors import CheckpointError
-from vitscale.interop.common import Imported, grid_from_positions, shape_fields
+from vitscale.interop.common import Imported, grid_from_positions, is_square, shape_fields
 
 LAYOUTS = {
     "vision_transformer": {"attention": "MultiHeadDotProductAttention_1", "mlp": "MlpBlock_3", "norm2": "LayerNorm_2",
@@ -84,7 +84,7 @@ def npz_to_vitscale(arrays: dict[str, np.ndarray], source: str = ".npz") -> Impo
     posemb = w.pop(LAYOUTS["big_vision"]["posemb"], None) if posemb is None else posemb
     if posemb is not None:
         posemb = posemb.reshape(1, -1, width)
-        if extra and _is_square(posemb.shape[1]):  # big_vision: [class] has no position
+        if extra and is_square(posemb.shape[1]):  # big_vision: [class] has no position
             posemb = torch.cat([torch.zeros(1, 1, width), posemb], dim=1)
         grid = grid_from_positions(posemb.shape[1], extra, source)
         out["pos_embed.weight"] = posemb
@@ -188,12 +188,6 @@ def _map_from_flax(w: dict) -> dict[str, torch.Tensor]:
         "pool.mlp.fc1.weight": p["MlpBlock_0/Dense_0/kernel"].T, "pool.mlp.fc1.bias": p["MlpBlock_0/Dense_0/bias"],
         "pool.mlp.fc2.weight": p["MlpBlock_0/Dense_1/kernel"].T, "pool.mlp.fc2.bias": p["MlpBlock_0/Dense_1/bias"],
     }
-
-
-def _is_square(n: int) -> bool:
-    import math
-
-    return math.isqrt(n) ** 2 == n
 
 
 # ---------------------------------------------------------------------------------------------

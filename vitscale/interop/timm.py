@@ -22,7 +22,7 @@ import re
 import torch
 
 from vitscale.errors import CheckpointError
-from vitscale.interop.common import Imported, grid_from_positions, shape_fields, to_float32
+from vitscale.interop.common import Imported, grid_from_positions, is_square, shape_fields, to_float32
 from vitscale.interop.io import unwrap_state_dict
 
 # Features of some timm ViTs that vitscale's model has no counterpart for.
@@ -98,7 +98,7 @@ def _embeddings(sd: dict[str, torch.Tensor], source: str) -> tuple[dict, dict, d
     unknown = {}
     pos = sd.pop("pos_embed", sd.pop("pos_embed.weight", None))  # timm, or a bare vitscale state dict
     if pos is not None:
-        if cls is not None and _is_square(pos.shape[1]):
+        if cls is not None and is_square(pos.shape[1]):
             pos = torch.cat([torch.zeros(1, 1, width), pos], dim=1)  # no_embed_class: [class] gets no position
         grid = grid_from_positions(pos.shape[1], int(cls is not None), source)
         out["pos_embed.weight"] = pos
@@ -124,9 +124,3 @@ def _block(sd: dict[str, torch.Tensor], i: int, width: int) -> dict[str, torch.T
             out[dst + linear + ".weight"] = out[dst + linear + ".weight"] * gamma[:, None]
             out[dst + linear + ".bias"] = out[dst + linear + ".bias"] * gamma
     return out
-
-
-def _is_square(n: int) -> bool:
-    import math
-
-    return math.isqrt(n) ** 2 == n
