@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -234,6 +235,22 @@ class Trainer:
         engine = self.config.engine
         return engine.global_batch_size // (engine.micro_batch_size * self.launch.world_size)
 
+    @cached_property
+    def tokens_per_image(self) -> int:
+        from vitscale.model.flops import tokens_per_image
+
+        return tokens_per_image(self.config.model)
+
+    @cached_property
+    def mfu_per_image_per_second(self) -> float | None:
+        """Training FLOPs per image / the device's peak FLOP/s (None: no known peak), so that
+        MFU = this x images/s per rank; fixed for the run, so looked up once."""
+        from vitscale.bench.peaks import peak_flops
+        from vitscale.model.flops import training_flops_per_image
+
+        peak = peak_flops(self.device, self.config.engine.precision, self.config.engine.peak_flops)
+        return training_flops_per_image(self.config.model) / peak if peak else None
+
     def say(self, text: str) -> None:
         if self.is_main:
             print(text, flush=True)
@@ -384,11 +401,9 @@ def record_nonfinite(t: Trainer) -> int | None:
 
 
 def record_step(t: Trainer, result: StepResult, step_seconds: float, images_per_step: int) -> None:
-    from vitscale.model.flops import tokens_per_image
-
     world = t.launch.world_size
     images = images_per_step // world
-    tokens = images * tokens_per_image(t.config.model)
+    tokens = images * t.tokens_per_image
     loss = result.loss if not result.skipped else float("nan")
     t.metrics.record_step(t.state.step, loss, learning_rate(t.state.step - 1, t.config), _grad_norm(t), images,
                           tokens, step_seconds, result.data_wait_seconds, _mfu(t, images / max(step_seconds, 1e-9)))
@@ -415,25 +430,18 @@ def _grad_norm(t: Trainer) -> float:
 
 
 def _mfu(t: Trainer, images_per_second_per_rank: float) -> float | None:
-    from vitscale.bench.peaks import peak_flops
-    from vitscale.model.flops import training_flops_per_image
-
-    peak = peak_flops(t.device, t.config.engine.precision, t.config.engine.peak_flops)
-    if not peak:
-        return None
-    return training_flops_per_image(t.config.model) * images_per_second_per_rank / peak
+    scale = t.mfu_per_image_per_second
+    return None if scale is None else scale * images_per_second_per_rank
 
 
 def log_progress(t: Trainer, result: StepResult, images_per_second: float) -> None:
-    from vitscale.model.flops import tokens_per_image
-
     state, total = t.state, t.config.run.steps
     seconds_left = (total - state.step) * t.config.engine.global_batch_size / max(images_per_second, 1e-9)
     mfu = _mfu(t, images_per_second / t.launch.world_size)
     lr = learning_rate(state.step - 1, t.config)
     t.log({"step": state.step, "loss": None if result.skipped else result.loss, "lr": lr,
            "grad_norm": None if result.skipped else _grad_norm(t), "images_per_second": images_per_second,
-           "tokens_per_second": images_per_second * tokens_per_image(t.config.model), "mfu": mfu,
+           "tokens_per_second": images_per_second * t.tokens_per_image, "mfu": mfu,
            "elapsed_seconds": state.elapsed_seconds, "nonfinite_total": state.nonfinite_total})
     t.say(f"step {state.step}/{total} | loss {result.loss:.4f} | lr {lr:.2e} | {images_per_second:,.0f} images/s"
           f"{f' | MFU {mfu:.1%}' if mfu is not None else ''} | ETA {timedelta(seconds=round(seconds_left))}")
