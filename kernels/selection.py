@@ -43,13 +43,15 @@ def device_label(device: torch.device) -> str:
 
 def available_backends(device: torch.device) -> list[str]:
     """Backends that can run on this device (math is the reference, always there)."""
-    backends = ["math", "sdpa"]
-    if device.type == "cuda":
-        if importlib.util.find_spec("triton") is not None:
-            backends.append("triton")
-        if importlib.util.find_spec("flash_attn") is not None:
-            backends.append("flash")
-    return backends
+    return ["math", "sdpa", *(_installed_gpu_backends() if device.type == "cuda" else ())]
+
+
+@functools.cache
+def _installed_gpu_backends() -> tuple[str, ...]:
+    """Looked up once per process: `auto` asks on every attention call, and the import-system
+    search (~30 us per package) does not change during a run."""
+    return tuple(backend for backend, package in (("triton", "triton"), ("flash", "flash_attn"))
+                 if importlib.util.find_spec(package) is not None)
 
 
 @functools.lru_cache(maxsize=4)
