@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vitscale.checks import require_positive
 from vitscale.errors import ConfigError
 
 
@@ -35,8 +36,6 @@ class FewShotConfig:
         if not self.shots or any(k < 1 for k in self.shots):
             raise ConfigError("fewshot.shots", f"must be positive image counts per class, got {self.shots}",
                               "e.g. [1, 5, 10, 25]")
-        for name in ("max_test_images", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"fewshot.{name}", "must be >= 1", "use a positive number")
+        require_positive(self, "fewshot", ("max_test_images", "micro_batch_size"))
         if self.l2_reg is not None and self.l2_reg <= 0:
             raise ConfigError("fewshot.l2_reg", "must be > 0", "use e.g. 1024, or null to choose it automatically")
