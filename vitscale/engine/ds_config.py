@@ -85,10 +85,8 @@ def deepspeed_config(config: Any, world_size: int, ds_json: dict[str, Any] | Non
     _fill(ds, "gradient_clipping", float(config.optim.grad_clip), "optim.grad_clip")
 
     zero = ds.setdefault("zero_optimization", {})
+    # The stage is then engine.zero_stage's (validated 0-3): _fill only keeps a value equal to it.
     _fill(zero, "stage", engine.zero_stage, "engine.zero_stage", where="zero_optimization.")
-    if zero["stage"] not in (0, 1, 2, 3):
-        raise ConfigError("engine.ds_config", f"zero_optimization.stage {zero['stage']!r} is not a ZeRO stage",
-                          "use 0, 1, 2 or 3")
     for key in BUCKET_KEYS if zero["stage"] == 3 else BUCKET_KEYS[:2]:
         zero.setdefault(key, AUTO)  # sized from the model by fill_bucket_sizes
     for precision in ("bf16", "fp16"):
