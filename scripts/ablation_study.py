@@ -114,26 +114,19 @@ def score(run_dir: Path, steps: int) -> dict[str, float]:
 
 def fewshot(run_dir: Path) -> float:
     """5-shot linear accuracy of the final checkpoint's frozen representation on the held-out digits."""
-    import dataclasses
-
-    from vitscale.data import build_eval_loader
     from vitscale.engine.checkpoint import latest_complete
-    from vitscale.evaluation.fewshot import fewshot_accuracy
+    from vitscale.evaluation.fewshot import FewShotEvaluator
     from vitscale.model import build_model
     from vitscale.research.finetune import load_checkpoint_weights
 
     state, config = load_checkpoint_weights(latest_complete(run_dir))
     model = build_model(config.model)
     model.load_state_dict(state)
-
-    def loader(shards: str):
-        data = dataclasses.replace(config.data, eval_shards=shards)
-        return build_eval_loader(data, micro_batch_size=128, image_size=config.model.image_size,
-                                 num_classes=config.model.num_classes, rank=0, world_size=1)
-
-    accuracy = fewshot_accuracy(model, loader(config.data.train_shards), loader(config.data.eval_shards),
-                                shots=(5,), num_classes=config.model.num_classes)
-    return accuracy["fewshot_5shot"]
+    evaluator = FewShotEvaluator(config.data, train_shards=config.data.train_shards,
+                                 test_shards=config.data.eval_shards, image_size=config.model.image_size,
+                                 num_classes=config.model.num_classes, shots=(5,), micro_batch_size=128,
+                                 max_test_images=None)
+    return evaluator.evaluate(model)["fewshot_5shot"]
 
 
 def parameter_count(path: Path, overrides: list[str]) -> int:
