@@ -299,7 +299,8 @@ def train_step(t: Trainer) -> StepResult:
             # The guard inside optimizer.step() skips the update on every rank if any rank saw
             # a non-finite loss or holds a non-finite gradient (it all-reduces the flag).
             step_loss = torch.stack(losses)
-            t.optimizer.skip_next = not bool(torch.isfinite(step_loss).all())
+            nonfinite_loss = not bool(torch.isfinite(step_loss).all())
+            t.optimizer.skip_next = nonfinite_loss
             t.optimizer.last_step_skipped = None
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
     guard_result = t.optimizer.last_step_skipped
@@ -308,7 +309,7 @@ def train_step(t: Trainer) -> StepResult:
     skipped = True if guard_result is None else guard_result
     loss_sum, count, term, requeue, nonfinite_losses = all_reduce(
         [float(step_loss.nan_to_num(0.0).sum()), float(len(losses)), float(t.stops.requested == faults.STOP_TERM),
-         float(t.stops.requested == faults.STOP_REQUEUE), float(not bool(torch.isfinite(step_loss).all()))],
+         float(t.stops.requested == faults.STOP_REQUEUE), float(nonfinite_loss)],
         dist.ReduceOp.SUM)
     loss_scale_skip = guard_result is None and config.engine.precision == "fp16" and not nonfinite_losses
     stop = faults.STOP_REQUEUE if requeue else faults.STOP_TERM if term else faults.STOP_NONE
