@@ -74,6 +74,20 @@ def shared_temp_dir(prefix: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def daemons_up(script: str, state: Path, env: dict, down_timeout: float):
+    """`SCRIPT up STATE`; afterwards always `SCRIPT down STATE`, SIGKILL leftovers, remove STATE."""
+    try:
+        run_script(script, "up", str(state), env=env, timeout=120)
+        yield
+    finally:
+        try:
+            run_script(script, "down", str(state), env=env, timeout=down_timeout)
+        finally:
+            kill_leftovers(state)
+            shutil.rmtree(state, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Slurm.
 
@@ -133,15 +147,8 @@ def slurm_cluster():
     state = shared_temp_dir("vitscale-slurm-")
     ports = free_port(2)
     env = dict(os.environ, SLURM_CTLD_PORT=str(ports), SLURMD_PORT=str(ports + 1))
-    try:
-        run_script("slurm.sh", "up", str(state), env=env, timeout=120)
+    with daemons_up("slurm.sh", state, env, down_timeout=120):
         yield SlurmCluster(state)
-    finally:
-        try:
-            run_script("slurm.sh", "down", str(state), env=env, timeout=120)
-        finally:
-            kill_leftovers(state)
-            shutil.rmtree(state, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,12 +204,5 @@ def prometheus_server():
     derived_prometheus_config(state)
     port = free_port()
     env = dict(os.environ, PROMETHEUS_PORT=str(port))
-    try:
-        run_script("prometheus.sh", "up", str(state), env=env, timeout=120)
+    with daemons_up("prometheus.sh", state, env, down_timeout=60):
         yield PrometheusServer(state, port)
-    finally:
-        try:
-            run_script("prometheus.sh", "down", str(state), env=env, timeout=60)
-        finally:
-            kill_leftovers(state)
-            shutil.rmtree(state, ignore_errors=True)
