@@ -3,8 +3,10 @@
     vitscale export runs/vit_b16_i21k vit_b16.safetensors          # the run's latest complete checkpoint
     vitscale export runs/vit_b16_i21k/checkpoints/step_00093000 vit_b16.safetensors
 
-Works for every ZeRO stage and world size: the fp32 master weights are merged from the ranks'
-partitions (DeepSpeed's zero_to_fp32), with every file read by weights_only loading. The output
+Works for every ZeRO stage and world size: whenever the checkpoint has optimizer partitions, the
+exact fp32 master weights are merged from them (DeepSpeed's zero_to_fp32; a bf16 run's module
+file holds only rounded weights), with every file read by weights_only loading. Fine-tuning reads
+checkpoints through the same `load_checkpoint_weights`. The output
 holds only the VisionTransformer's tensors (objective-specific heads such as the masked-patch
 predictor are left out) and is read by `vitscale.model.weights.load_weights` without pickle.
 """
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import yaml
 
-from vitscale.engine import checkpoint as ckpt
-from vitscale.errors import CheckpointError
+from vitscale.errors import CheckpointError, VitscaleError
+
+if TYPE_CHECKING:
+    from vitscale.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,32 +38,65 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
-    from vitscale.config import load_config
-    from vitscale.model import build_model
     from vitscale.model.weights import save_weights
 
-    directory = ckpt.resolve_checkpoint(checkpoint)
-    config = load_config(directory / "config.yaml")
-    state = fp32_state_dict(directory, config.engine.zero_stage)
-    model = build_model(config.model)
-    wanted = model.state_dict()
-    missing = sorted(set(wanted) - set(state))
-    if missing:
-        raise CheckpointError(f"{directory} lacks weights for {', '.join(missing[:3])}"
-                              f"{' ...' if len(missing) > 3 else ''}; is it a vitscale training checkpoint?")
-    model.load_state_dict({name: state[name] for name in wanted})
-    return save_weights(output, model.state_dict(), config)
+    state, config = load_checkpoint_weights(checkpoint)
+    return save_weights(output, state, config)
 
 
-def fp32_state_dict(directory: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full fp32 weights: merged from ZeRO partitions (stages 1-3), or the module file."""
-    if zero_stage == 0:
-        module = ckpt.safe_torch_load(directory / "mp_rank_00_model_states.pt").get("module")
-        if not isinstance(module, dict):
-            raise CheckpointError(f"{directory}/mp_rank_00_model_states.pt holds no module weights")
-        return {name: tensor.float() for name, tensor in module.items()}
+# Parameters objectives attach for pretraining only (masked patch prediction's [mask] + predictor).
+PRETRAINING_ONLY_PREFIXES = ("masked_patch.",)
+
+
+def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """fp32 weights and config of a training checkpoint (a run directory picks its latest
+    complete one): from the ZeRO optimizer partitions when there are any (exact fp32 master
+    weights, and the only complete copy under ZeRO-3), else from the module states. As with
+    exported weights, only the VisionTransformer's tensors are returned (pretraining-only
+    extras are dropped), checked against the model the config describes."""
+    from vitscale.config import config_from_dict
+    from vitscale.engine.checkpoint import resolve_checkpoint
+    from vitscale.model.weights import check_state_dict
+
+    directory = resolve_checkpoint(path)
+    config_file = directory / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory} has no config.yaml; pass a checkpoint written by `vitscale train` "
+                              "or weights from `vitscale export`")
+    try:
+        config = config_from_dict(yaml.safe_load(config_file.read_text()) or {}).validate()
+    except VitscaleError as error:
+        raise CheckpointError(f"{config_file} is not a valid config ({error})") from None
+    if any(directory.glob("*zero_pp_rank_*_optim_states.pt")):
+        state = _zero_fp32_weights(directory)
+    else:
+        state = _module_weights(directory)
+    state = {name: tensor.float() for name, tensor in state.items()
+             if not name.startswith(PRETRAINING_ONLY_PREFIXES)}
+    check_state_dict(state, config.model, source=str(directory))
+    return state, config
+
+
+def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own consolidation of the fp32 partitions (read with weights_only loads)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with ckpt.torch_load_weights_only():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
-    return {name: tensor.float() for name, tensor in state.items()}
+    from vitscale.engine.checkpoint import torch_load_weights_only
+
+    try:
+        with torch_load_weights_only():
+            return get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"{directory}: cannot consolidate its ZeRO partitions ({first_line}); "
+                              "resume it with the world size that wrote it, or start from exported weights") from None
+
+
+def _module_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from vitscale.engine.checkpoint import safe_torch_load
+
+    states = safe_torch_load(directory / "mp_rank_00_model_states.pt")
+    module = states.get("module") if isinstance(states, dict) else None
+    if not module:
+        raise CheckpointError(f"{directory} holds no module weights; export them first: vitscale export {directory} weights.safetensors")
+    return module

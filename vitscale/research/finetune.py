@@ -21,15 +21,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from vitscale.errors import CheckpointError, ConfigError, VitscaleError
+from vitscale.errors import ConfigError
 from vitscale.model import ModelConfig, VisionTransformer, build_model
 
 HEAD_PREFIXES = ("head.", "pre_logits.")
-# Parameters objectives attach for pretraining only (masked patch prediction's [mask] + predictor).
-PRETRAINING_ONLY_PREFIXES = ("masked_patch.",)
 # Fields that define the backbone's weights; everything else may change when fine-tuning.
 ARCHITECTURE_FIELDS = ("in_channels", "classifier", "pos_embed", "norm_position", "mlp_activation")
 
@@ -42,61 +39,9 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"
         from vitscale.model.weights import load_weights
 
         return load_weights(path)
+    from vitscale.engine.export import load_checkpoint_weights
+
     return load_checkpoint_weights(path)
-
-
-def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"]:  # noqa: F821
-    """fp32 weights and config of a training checkpoint (a run directory picks its latest
-    complete one): from the ZeRO optimizer partitions when there are any (exact fp32 master
-    weights, and the only complete copy under ZeRO-3), else from the module states. As with
-    exported weights, only the VisionTransformer's tensors are returned (pretraining-only
-    extras are dropped), checked against the model the config describes."""
-    from vitscale.config import config_from_dict
-    from vitscale.engine.checkpoint import resolve_checkpoint
-    from vitscale.model.weights import check_state_dict
-
-    directory = resolve_checkpoint(path)
-    config_file = directory / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{directory} has no config.yaml; pass a checkpoint written by `vitscale train` "
-                              "or weights from `vitscale export`")
-    try:
-        config = config_from_dict(yaml.safe_load(config_file.read_text()) or {}).validate()
-    except VitscaleError as error:
-        raise CheckpointError(f"{config_file} is not a valid config ({error})") from None
-    if any(directory.glob("*zero_pp_rank_*_optim_states.pt")):
-        state = _zero_fp32_weights(directory)
-    else:
-        state = _module_weights(directory)
-    state = {name: tensor.float() for name, tensor in state.items()
-             if not name.startswith(PRETRAINING_ONLY_PREFIXES)}
-    check_state_dict(state, config.model, source=str(directory))
-    return state, config
-
-
-def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own consolidation of the fp32 partitions (read with weights_only loads)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from vitscale.engine.checkpoint import torch_load_weights_only
-
-    try:
-        with torch_load_weights_only():
-            return get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise CheckpointError(f"{directory}: cannot consolidate its ZeRO partitions ({first_line}); "
-                              "resume it with the world size that wrote it, or start from exported weights") from None
-
-
-def _module_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from vitscale.engine.checkpoint import safe_torch_load
-
-    states = safe_torch_load(directory / "mp_rank_00_model_states.pt")
-    module = states.get("module") if isinstance(states, dict) else None
-    if not module:
-        raise CheckpointError(f"{directory} holds no module weights; export them first: vitscale export {directory} weights.safetensors")
-    return module
 
 
 def check_compatible(source: ModelConfig, target: ModelConfig, *, reset_head: bool) -> None:
