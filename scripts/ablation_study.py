@@ -117,7 +117,7 @@ def fewshot(run_dir: Path) -> float:
     from vitscale.engine.checkpoint import latest_complete
     from vitscale.evaluation.fewshot import FewShotEvaluator
     from vitscale.model import build_model
-    from vitscale.engine.export import load_checkpoint_weights
+    from vitscale.interop.export import load_checkpoint_weights
 
     state, config = load_checkpoint_weights(latest_complete(run_dir))
     model = build_model(config.model)

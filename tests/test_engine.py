@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vitscale.config import load_config
 from vitscale.engine.ds_config import deepspeed_config, fill_bucket_sizes, read_ds_json, resolve_zero_stage
-from vitscale.engine.objectives import build_objective, sigmoid_cross_entropy
+from vitscale.objectives import build_objective, sigmoid_cross_entropy
 from vitscale.engine.optim import GuardedAdamW, build_optimizer, learning_rate, parameter_groups
 from vitscale.errors import ConfigError
 from vitscale.model import ModelConfig, build_model

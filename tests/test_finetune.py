@@ -181,7 +181,7 @@ def test_checkpoint_weights_are_the_fp32_master_weights(tmp_path):
 
     from vitscale.data.datasets import write_digits_shards
     from vitscale.engine.checkpoint import latest_complete, safe_torch_load
-    from vitscale.engine.export import load_checkpoint_weights
+    from vitscale.interop.export import load_checkpoint_weights
 
     train_shards, _ = write_digits_shards(tmp_path / "digits", image_size=32)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from test_engine_support import REPO, engine_digits, free_port, read_log, run_job, step_losses, tiny_args  # noqa: F401
-from vitscale.engine.export import export_checkpoint
+from vitscale.interop.export import export_checkpoint
 from vitscale.model.weights import load_weights
 
 STEPS = 8

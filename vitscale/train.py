@@ -25,26 +25,31 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import timedelta
+from functools import cached_property
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from vitscale.config import Config, add_config_arguments, load_config, save_config
+from vitscale.engine import Engine, Launch, build_engine, set_learning_rate, start_process_group
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine import faults
-from vitscale.engine.distributed import Launch, all_reduce, any_rank, init_distributed
-from vitscale.engine.ds_config import deepspeed_config, fill_bucket_sizes, read_ds_json, resolve_zero_stage
-from vitscale.engine.evaluate import evaluate, input_dtype
-from vitscale.engine.objectives import build_objective
-from vitscale.engine.optim import build_optimizer, learning_rate, set_learning_rate
+from vitscale.engine.distributed import collective_errors, stop_process_group
+from vitscale.engine.ds_config import deepspeed_config, read_ds_json, resolve_zero_stage
+from vitscale.engine.optim import learning_rate
 from vitscale.errors import CheckpointError, ConfigError, VitscaleError
-from vitscale.evaluation.fewshot import FewShotEvaluator
+from vitscale.objectives import build_backward, build_objective
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and pre-flight checks (no process group yet).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +71,7 @@ class Prepared:
     ds_config: dict[str, Any]
     launch: Launch
     resume_from: Path | None
+    saved: dict[str, Any] | None = None     # trainer.json of the checkpoint resumed from
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
@@ -75,14 +81,22 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if args.ds_config:
         overrides.append(f"engine.ds_config={args.ds_config}")
     config = load_config(args.config, overrides)
-    ds_json = read_ds_json(config.engine.ds_config) if config.engine.ds_config else None
-    if ds_json is not None:
-        stage_override = any(item.lstrip("-").startswith("engine.zero_stage=") for item in args.overrides or [])
-        resolve_zero_stage(config, ds_json, stage_override)
-        config.validate()
-    ds = deepspeed_config(config, launch.world_size, ds_json)
+    ds: dict[str, Any] = {}
+    if config.engine.kind == "deepspeed":
+        ds_json = read_ds_json(config.engine.ds_config) if config.engine.ds_config else None
+        if ds_json is not None:
+            stage_override = any(item.lstrip("-").startswith("engine.zero_stage=") for item in args.overrides or [])
+            resolve_zero_stage(config, ds_json, stage_override)
+            config.validate()
+        ds = deepspeed_config(config, launch.world_size, ds_json)
+    else:
+        from vitscale.engine.ds_config import gradient_accumulation_steps
+
+        gradient_accumulation_steps(config.engine.global_batch_size, config.engine.micro_batch_size, launch.world_size)
     check_shards(config)
-    return Prepared(config, ds, launch, find_resume_checkpoint(config, launch.world_size))
+    path = find_resume_checkpoint(config)
+    saved = check_resumable(read_trainer_state(path), config, path) if path is not None else None
+    return Prepared(config, ds, launch, path, saved)
 
 
 def check_shards(config: Config) -> None:
@@ -100,29 +114,43 @@ def check_shards(config: Config) -> None:
                               "fix the path or pattern; `vitscale shards write` makes shards")
 
 
-def find_resume_checkpoint(config: Config, world_size: int) -> Path | None:
+def find_resume_checkpoint(config: Config) -> Path | None:
     mode, run_dir = config.engine.resume.strip(), config.run.directory
     if mode == "never":
         if ckpt.latest_complete(run_dir) is not None:
             raise ConfigError("engine.resume", f"is never but {run_dir} already holds checkpoints",
                               "use another run.name, or engine.resume=auto to continue that run")
         return None
-    path = ckpt.latest_complete(run_dir) if mode == "auto" else ckpt.resolve_checkpoint(mode)
-    if path is not None:
-        read_trainer_state(path, world_size)
-    return path
+    return ckpt.latest_complete(run_dir) if mode == "auto" else ckpt.resolve_checkpoint(mode)
 
 
-def read_trainer_state(path: Path, world_size: int) -> dict[str, Any]:
+def read_trainer_state(path: Path) -> dict[str, Any]:
     try:
         trainer = json.loads((path / "trainer.json").read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path}/trainer.json is unreadable ({error}); pick another checkpoint") from None
-    if trainer.get("world_size") != world_size:
-        raise CheckpointError(f"{path} was written by {trainer.get('world_size')} ranks, this job has "
-                              f"{world_size}; resume with the same world size, or export it "
-                              "(`vitscale export`) and start a new run from the weights")
+    trainer.setdefault("engine", "deepspeed")  # written before engine.kind existed
     return trainer
+
+
+# Checkpoint formats: DeepSpeed's own files, or DCP (shared by local and FSDP2).
+CHECKPOINT_FORMAT = {"deepspeed": "deepspeed", "fsdp2": "dcp", "local": "dcp"}
+
+
+def check_resumable(saved: dict[str, Any], config: Config, path: Path) -> dict[str, Any]:
+    """Any world size resumes (resharded); refused only what cannot be converted exactly."""
+    kind = config.engine.kind
+    if CHECKPOINT_FORMAT[saved["engine"]] != CHECKPOINT_FORMAT[kind]:
+        raise CheckpointError(f"{path} was written by engine.kind={saved['engine']}, this job has engine.kind={kind}; "
+                              f"resume with engine.kind={saved['engine']}, or export it (`vitscale export`) and start "
+                              "from the weights (finetune.init_from)")
+    if kind == "deepspeed":
+        old, new = saved.get("zero_stage"), config.engine.zero_stage
+        if old is not None and old != new and 0 in (old, new):
+            raise CheckpointError(f"{path} was written with ZeRO-{old}, this job uses ZeRO-{new}; a ZeRO-0 "
+                                  "checkpoint has no partitions to re-split: resume with "
+                                  f"engine.zero_stage={old}, or export and start from the weights")
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +170,7 @@ def build_model(config: Config, objective: Any) -> nn.Module:
         from vitscale.model import build_model as build_vit
 
         model = build_vit(config.model)
-    if hasattr(objective, "attach"):
-        objective.attach(model)
-    model.checkpoint_blocks = config.engine.activation_checkpointing
+    objective.attach(model)
     return model
 
 
@@ -157,40 +183,14 @@ def build_dataloader(config: Config, launch: Launch):
                               run_dir=config.run.directory)
 
 
-def build_engine(config: Config, model: nn.Module, ds: dict[str, Any]):
-    """DeepSpeed engine around the model and our optimizer; checkpoints written atomically and
-    read with weights_only."""
-    import deepspeed
+def build_evaluators(config: Config, launch: Launch) -> list[Any]:
+    """What runs besides training, each on its own schedule (`every` steps, `at_end`)."""
+    from vitscale.evaluation.fewshot import FewShotEvaluator
+    from vitscale.evaluation.top1 import TopOneEvaluation
 
-    optimizer = build_optimizer(config.optim, model)
-    ds = fill_bucket_sizes(ds, sum(p.numel() for p in model.parameters()))
-    try:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-    except ValueError as error:
-        if "not supported on your device" not in str(error):
-            raise
-        raise ConfigError("engine.precision", f"{config.engine.precision}: {error}", "use bf16 or fp32 here") from None
-    engine.checkpoint_engine = ckpt.build_checkpoint_engine(engine._config)
-    _record_recovery_script_failures(engine)
-    optimizer.nonfinite_check = any_rank
-    if config.engine.compile:
-        engine.compile()
-    return engine, optimizer
-
-
-def _record_recovery_script_failures(engine) -> None:
-    """DeepSpeed copies zero_to_fp32.py next to the checkpoints with a plain file copy between its
-    barriers; a full disk there must be recorded like any failed write, not raised mid-protocol."""
-    copy = engine._copy_recovery_script
-
-    def guarded(save_path):
-        try:
-            copy(save_path)
-        except OSError as error:
-            engine.checkpoint_engine.failure = engine.checkpoint_engine.failure or \
-                f"zero_to_fp32.py: {error.strerror or error}"
-
-    engine._copy_recovery_script = guarded
+    found = [TopOneEvaluation.from_config(config, rank=launch.rank, world_size=launch.world_size),
+             FewShotEvaluator.from_config(config)]
+    return [evaluator for evaluator in found if evaluator is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,18 +209,17 @@ class TrainerState:
 class Trainer:
     config: Config
     launch: Launch
-    device: torch.device
-    engine: Any
-    optimizer: Any
+    engine: Engine
     objective: Any
+    backward: Any                  # vitscale.objectives.Backward: plain, SAM or GSAM
     loader: Any
     metrics: Any
     stops: faults.StopRequests
     watchdog: faults.Watchdog
+    evaluators: list[Any] = field(default_factory=list)
     state: TrainerState = field(default_factory=TrainerState)
     batches: Iterator | None = None
     log_file: Any = None
-    fewshot: Any = None            # FewShotEvaluator when fewshot.every > 0
 
     @property
     def run_dir(self) -> Path:
@@ -248,7 +247,7 @@ class Trainer:
         from vitscale.bench.peaks import peak_flops
         from vitscale.model.flops import training_flops_per_image
 
-        peak = peak_flops(self.device, self.config.engine.precision, self.config.engine.peak_flops)
+        peak = peak_flops(self.engine.device, self.config.engine.precision, self.config.engine.peak_flops)
         return training_flops_per_image(self.config.model) / peak if peak else None
 
     def say(self, text: str) -> None:
@@ -272,81 +271,46 @@ def _finite_or_null(value: Any) -> Any:
 
 @dataclass
 class StepResult:
-    loss: float            # mean over the global batch (every rank, every micro-batch)
-    skipped: bool
+    losses: torch.Tensor   # this rank's micro-batch losses, on the device
+    grad_norm: torch.Tensor | None
+    skipped: bool          # every rank skipped the update (non-finite loss or gradient somewhere)
+    nonfinite_loss: bool   # some rank's loss was NaN/inf
     stop: int              # faults.STOP_* agreed by every rank
     data_wait_seconds: float
-    loss_scale_skip: bool = False
+
+    @property
+    def loss_scale_skip(self) -> bool:
+        return self.skipped and not self.nonfinite_loss
 
 
 def train_step(t: Trainer) -> StepResult:
-    """One optimizer step over `accumulation` micro-batches; every rank decides together whether
-    it is skipped (non-finite loss or gradient anywhere) and whether to stop afterwards."""
-    import torch.distributed as dist
-
-    engine, config = t.engine, t.config
-    set_learning_rate(engine.optimizer, learning_rate(t.state.step, config))
+    """One optimizer step over `accumulation` micro-batches. Everything stays on the device but
+    one vector read at the end: whether every rank skipped, and the agreed stop request."""
+    engine = t.engine
+    set_learning_rate(engine, learning_rate(t.state.step, t.config))
     losses, data_wait = [], 0.0
     for index in range(t.accumulation):
         started = time.perf_counter()
         images, targets = next(t.batches)
         data_wait += time.perf_counter() - started
-        images = images.to(t.device, dtype=input_dtype(config), non_blocking=True)
-        targets = targets.to(t.device, non_blocking=True)
-        loss = micro_batch_backward(t, images, targets)
-        losses.append(loss.detach().float())
-        if index == t.accumulation - 1:
-            # The guard inside optimizer.step() skips the update on every rank if any rank saw
-            # a non-finite loss or holds a non-finite gradient (it all-reduces the flag).
-            step_loss = torch.stack(losses)
-            nonfinite_loss = not bool(torch.isfinite(step_loss).all())
-            t.optimizer.skip_next = nonfinite_loss
-            t.optimizer.last_step_skipped = None
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-    guard_result = t.optimizer.last_step_skipped
-    # None: DeepSpeed itself skipped the update (its overflow check), on every rank alike. Under
-    # fp16 with finite losses that is dynamic loss scaling finding its scale, not a fault.
-    skipped = True if guard_result is None else guard_result
-    loss_sum, count, term, requeue, nonfinite_losses = all_reduce(
-        [float(step_loss.nan_to_num(0.0).sum()), float(len(losses)), float(t.stops.requested == faults.STOP_TERM),
-         float(t.stops.requested == faults.STOP_REQUEUE), float(nonfinite_loss)],
-        dist.ReduceOp.SUM)
-    loss_scale_skip = guard_result is None and config.engine.precision == "fp16" and not nonfinite_losses
+        images = images.to(engine.device, dtype=engine.input_dtype, non_blocking=True)
+        targets = targets.to(engine.device, non_blocking=True)
+        loss = t.backward(engine, t.objective, images, targets, boundary=index == t.accumulation - 1)
+        losses.append(loss.detach().float().reshape(()))
+    step_losses = torch.stack(losses)
+    nonfinite_loss = engine.comm.device_any(~torch.isfinite(step_losses).all())
+    outcome = engine.step(skip=nonfinite_loss)
+    skipped, nonfinite, term, requeue = engine.comm.host_reduce(
+        [outcome.skipped, nonfinite_loss, t.stops.requested == faults.STOP_TERM,
+         t.stops.requested == faults.STOP_REQUEUE], "max")
     stop = faults.STOP_REQUEUE if requeue else faults.STOP_TERM if term else faults.STOP_NONE
-    mean_loss = float("nan") if skipped else loss_sum / count
-    return StepResult(mean_loss, skipped, stop, data_wait, loss_scale_skip)
-
-
-def micro_batch_backward(t: Trainer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    config, engine = t.config, t.engine
-    if config.optim.name in ("sam", "gsam"):
-        from vitscale.research.sam import settings_from_config, sharpness_aware_backward
-
-        settings = settings_from_config(config)
-        lr = engine.optimizer.param_groups[0]["lr"]
-        holder: dict[str, torch.Tensor] = {}
-
-        def loss_fn() -> torch.Tensor:
-            # The bare module: an engine forward arms DeepSpeed's gradient reduction, which must
-            # run only for the final backward of the SAM/GSAM direction (sharpness_aware_backward).
-            holder["loss"] = t.objective.loss(engine.module, images, targets)[0]
-            return holder["loss"]
-
-        sharpness_aware_backward(loss_fn, list(engine.module.parameters()), engine.backward,
-                                 rho=settings.rho(lr), alpha=settings.alpha)
-        return holder["loss"]
-    loss, _ = t.objective.loss(engine, images, targets)
-    if faults.maybe_inject("loss") == "nan_loss":
-        loss = loss * float("nan")
-    engine.backward(loss)
-    return loss
+    return StepResult(step_losses, outcome.grad_norm, skipped > 0, nonfinite > 0, stop, data_wait)
 
 
 def train(t: Trainer) -> int:
     """Steps until run.steps, a stop request, or too many non-finite steps. Returns the exit code."""
     config, state = t.config, t.state
     total = config.run.steps
-    images_per_step = config.engine.global_batch_size
     t.batches = iter(t.loader)
     window_started, window_steps = time.perf_counter(), 0
     while state.step < total:
@@ -359,7 +323,7 @@ def train(t: Trainer) -> int:
         state.elapsed_seconds += step_seconds
         t.watchdog.beat()
         window_steps += 1
-        if result.loss_scale_skip:
+        if result.skipped and result.loss_scale_skip and config.engine.precision == "fp16":
             t.say(f"step {state.step}: fp16 gradients overflowed; DeepSpeed lowered the loss scale and skipped it")
         elif result.skipped:
             code = record_nonfinite(t)
@@ -367,23 +331,28 @@ def train(t: Trainer) -> int:
                 return code
         else:
             state.consecutive_nonfinite = 0
-        record_step(t, result, step_seconds, images_per_step)
-        if state.step % config.run.log_every == 0 or state.step == total:
-            rate = images_per_step * window_steps / max(time.perf_counter() - window_started, 1e-9)
-            log_progress(t, result, rate)
+        logging_step = state.step % config.run.log_every == 0 or state.step == total
+        values = read_step_values(t, result) if logging_step else None
+        record_step(t, result, values, step_seconds)
+        if logging_step:
+            rate = config.engine.global_batch_size * window_steps / max(time.perf_counter() - window_started, 1e-9)
+            log_progress(t, values, rate)
             window_started, window_steps = time.perf_counter(), 0
-        if config.engine.eval_every and state.step % config.engine.eval_every == 0 and state.step < total:
-            run_evaluation(t)
-        if t.fewshot is not None and state.step % config.fewshot.every == 0:
-            run_fewshot(t)
+        run_due_evaluations(t, at_end=False)
         if result.stop:
             return stop_on_request(t, result.stop)
         if config.engine.checkpoint_every and state.step % config.engine.checkpoint_every == 0 \
                 and state.step < total:
             save_checkpoint(t)
-    if config.data.eval_shards:
-        run_evaluation(t)
+    run_due_evaluations(t, at_end=True)
     return faults.EXIT_OK if save_checkpoint(t) else faults.EXIT_CHECKPOINT_FAILED
+
+
+def read_step_values(t: Trainer, result: StepResult) -> dict[str, float]:
+    """The host reads of a logging step: the loss over the global batch and the gradient norm."""
+    loss_sum, count = t.engine.comm.host_reduce([result.losses.nan_to_num(0.0).sum(), len(result.losses)], "sum")
+    grad_norm = float(result.grad_norm) if result.grad_norm is not None and not result.skipped else float("nan")
+    return {"loss": float("nan") if result.skipped else loss_sum / count, "grad_norm": grad_norm}
 
 
 def record_nonfinite(t: Trainer) -> int | None:
@@ -401,33 +370,18 @@ def record_nonfinite(t: Trainer) -> int | None:
     return None
 
 
-def record_step(t: Trainer, result: StepResult, step_seconds: float, images_per_step: int) -> None:
-    world = t.launch.world_size
-    images = images_per_step // world
+def record_step(t: Trainer, result: StepResult, values: dict[str, float] | None, step_seconds: float) -> None:
+    """Metrics of every step; loss and gradient norm (host reads) only on logging steps."""
+    images = t.config.engine.global_batch_size // t.launch.world_size
     tokens = images * t.tokens_per_image
-    loss = result.loss if not result.skipped else float("nan")
-    t.metrics.record_step(t.state.step, loss, learning_rate(t.state.step - 1, t.config), _grad_norm(t), images,
-                          tokens, step_seconds, result.data_wait_seconds, _mfu(t, images / max(step_seconds, 1e-9)))
-    if t.state.step % t.config.run.log_every == 0:
-        gather_rank_times(t, step_seconds, result.data_wait_seconds)
+    t.metrics.record_step(t.state.step, values["loss"] if values else None, learning_rate(t.state.step - 1, t.config),
+                          values["grad_norm"] if values else None, images, tokens, step_seconds,
+                          result.data_wait_seconds, _mfu(t, images / max(step_seconds, 1e-9)))
+    if values is not None:
+        every = t.engine.comm.all_gather([step_seconds, result.data_wait_seconds])
+        if t.is_main:
+            t.metrics.record_rank_times([rank[0] for rank in every], [rank[1] for rank in every])
         t.metrics.record_skipped_samples(t.loader.skipped_samples())
-
-
-def gather_rank_times(t: Trainer, step_seconds: float, data_wait: float) -> None:
-    import torch.distributed as dist
-
-    mine = torch.tensor([step_seconds, data_wait], dtype=torch.float64)
-    every = [torch.zeros_like(mine) for _ in range(t.launch.world_size)]
-    dist.all_gather(every, mine)
-    if t.is_main:
-        t.metrics.record_rank_times([float(x[0]) for x in every], [float(x[1]) for x in every])
-
-
-def _grad_norm(t: Trainer) -> float:
-    norm = t.engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 
 def _mfu(t: Trainer, images_per_second_per_rank: float) -> float | None:
@@ -435,16 +389,15 @@ def _mfu(t: Trainer, images_per_second_per_rank: float) -> float | None:
     return None if scale is None else scale * images_per_second_per_rank
 
 
-def log_progress(t: Trainer, result: StepResult, images_per_second: float) -> None:
+def log_progress(t: Trainer, values: dict[str, float], images_per_second: float) -> None:
     state, total = t.state, t.config.run.steps
     seconds_left = (total - state.step) * t.config.engine.global_batch_size / max(images_per_second, 1e-9)
     mfu = _mfu(t, images_per_second / t.launch.world_size)
     lr = learning_rate(state.step - 1, t.config)
-    t.log({"step": state.step, "loss": None if result.skipped else result.loss, "lr": lr,
-           "grad_norm": None if result.skipped else _grad_norm(t), "images_per_second": images_per_second,
-           "tokens_per_second": images_per_second * t.tokens_per_image, "mfu": mfu,
-           "elapsed_seconds": state.elapsed_seconds, "nonfinite_total": state.nonfinite_total})
-    t.say(f"step {state.step}/{total} | loss {result.loss:.4f} | lr {lr:.2e} | {images_per_second:,.0f} images/s"
+    t.log({"step": state.step, "loss": values["loss"], "lr": lr, "grad_norm": values["grad_norm"],
+           "images_per_second": images_per_second, "tokens_per_second": images_per_second * t.tokens_per_image,
+           "mfu": mfu, "elapsed_seconds": state.elapsed_seconds, "nonfinite_total": state.nonfinite_total})
+    t.say(f"step {state.step}/{total} | loss {values['loss']:.4f} | lr {lr:.2e} | {images_per_second:,.0f} images/s"
           f"{f' | MFU {mfu:.1%}' if mfu is not None else ''} | ETA {timedelta(seconds=round(seconds_left))}")
 
 
@@ -458,31 +411,24 @@ def stop_on_request(t: Trainer, stop: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation.
+# Evaluation: top-1 on held-out shards, the paper's few-shot regression.
 
 
-def run_evaluation(t: Trainer) -> dict[str, float]:
-    if not t.config.data.eval_shards or t.config.run.objective != "classification":
-        return {}
-    values = evaluate(t.engine, t.config, rank=t.launch.rank, world_size=t.launch.world_size, device=t.device,
-                      beat=t.watchdog.beat)
-    t.metrics.record_eval(values)
-    t.log({"step": t.state.step, "eval": values})
-    t.say(f"step {t.state.step}: eval " + ", ".join(f"{k} {v:.4f}" if k != "samples" else f"{k} {v:.0f}"
-                                                    for k, v in values.items()))
-    return values
+def run_due_evaluations(t: Trainer, *, at_end: bool) -> None:
+    step, total = t.state.step, t.config.run.steps
+    for evaluator in t.evaluators:
+        periodic = evaluator.every and step % evaluator.every == 0
+        if at_end and evaluator.at_end or (not at_end and periodic and (step < total or not evaluator.at_end)):
+            run_evaluation(t, evaluator)
 
 
-def run_fewshot(t: Trainer) -> dict[str, float]:
-    """The paper's few-shot linear evaluation of the frozen representation. Every rank runs it on
-    the whole few-shot data: ZeRO-3's forward is collective, and elsewhere it keeps the ranks in
-    step instead of leaving them waiting in the next collective."""
-    t.watchdog.beat()
-    values = t.fewshot.evaluate(t.engine.module, device=t.device)
+def run_evaluation(t: Trainer, evaluator) -> dict[str, float]:
+    values = evaluator.run(t.engine, t.watchdog.beat)
     t.watchdog.beat()
     t.metrics.record_eval(values)
     t.log({"step": t.state.step, "eval": values})
-    t.say(f"step {t.state.step}: few-shot " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    t.say(f"step {t.state.step}: {evaluator.name} " + ", ".join(
+        f"{k} {v:.0f}" if k == "samples" else f"{k} {v:.4f}" for k, v in values.items()))
     return values
 
 
@@ -493,8 +439,7 @@ def run_fewshot(t: Trainer) -> dict[str, float]:
 def save_checkpoint(t: Trainer) -> bool:
     """Every rank writes its part; COMPLETE is written only after every rank reported success.
     A failure (full disk, ...) is reported and leaves the previous complete checkpoint in place."""
-    import torch.distributed as dist
-
+    comm = t.engine.comm
     path = ckpt.checkpoint_dir(t.run_dir, t.state.step)
     if ckpt.is_complete(path):
         return True  # resumed at this very step: it is already saved
@@ -502,14 +447,14 @@ def save_checkpoint(t: Trainer) -> bool:
     t.watchdog.beat()
     if t.is_main and path.exists():
         shutil.rmtree(path)  # left by an interrupted attempt at this step
-    dist.barrier()
+    comm.barrier()
     failure = write_checkpoint_files(t, path)
-    ok = all_reduce([0.0 if failure else 1.0], dist.ReduceOp.MIN)[0] > 0
+    ok = comm.host_reduce([failure is None], "min")[0] > 0
     if failure:
         print(f"vitscale: rank {t.launch.rank}: checkpoint {path} failed: {failure}", file=sys.stderr, flush=True)
     if t.is_main:
         ok = finish_checkpoint(t, path, ok)
-    ok = all_reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0  # every rank learns rank 0's verdict
+    ok = comm.host_reduce([ok], "min")[0] > 0  # every rank learns rank 0's verdict
     t.watchdog.beat()
     seconds = time.perf_counter() - started
     t.metrics.record_checkpoint(seconds, ok)
@@ -540,34 +485,56 @@ def finish_checkpoint(t: Trainer, path: Path, ok: bool) -> bool:
 def write_checkpoint_files(t: Trainer, path: Path) -> str | None:
     """This rank's files; returns the first failure as text instead of raising, so every rank
     reaches the same collectives."""
-    engine_io = t.engine.checkpoint_engine
-    engine_io.failure = None
-    t.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={}, save_latest=False)
-    if engine_io.failure:
-        return engine_io.failure
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"{error.strerror or error}"
+    failure = t.engine.save(path)
+    if failure:
+        return failure
     try:
         ckpt.torch_save_atomic({"rng": ckpt.rng_state(), "loader": t.loader.state_dict(), "step": t.state.step,
                                 "rank": t.launch.rank}, ckpt.rank_state_path(path, t.launch.rank))
         if t.is_main:
-            ckpt.write_json(path / "trainer.json", {**t.state.__dict__, "world_size": t.launch.world_size})
+            ckpt.write_json(path / "trainer.json", {**t.state.__dict__, "world_size": t.launch.world_size,
+                                                    "engine": t.config.engine.kind,
+                                                    "zero_stage": t.config.engine.zero_stage})
             save_config(t.config, path / "config.yaml")
-    except OSError as error:
-        return f"{error.strerror or error}"
+    except (OSError, RuntimeError) as error:  # torch.save reports ENOSPC as RuntimeError
+        return f"{getattr(error, 'strerror', None) or error}"
     return None
 
 
-def load_checkpoint(t: Trainer, path: Path) -> None:
-    """Engine (weights, optimizer, ZeRO partitions), data position, RNG states and counters."""
-    trainer = read_trainer_state(path, t.launch.world_size)
-    loaded, _ = t.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed found no engine state in {path}")
-    rank_state = ckpt.safe_torch_load(ckpt.rank_state_path(path, t.launch.rank))
-    t.loader.load_state_dict(rank_state["loader"])
-    ckpt.set_rng_state(rank_state["rng"])
-    t.state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
-    t.say(f"resumed from {path} at step {t.state.step}")
+def load_checkpoint(t: Trainer, path: Path, saved: dict[str, Any]) -> None:
+    """Engine (weights, optimizer), data position, RNG states and counters. From another world
+    size the engine reshards its state exactly; the data position continues with the samples of
+    the epoch not yet seen (each once), and the RNGs start afresh from the seed and step."""
+    rank, world = t.launch.rank, t.launch.world_size
+    t.engine.load(path, saved_world_size=saved["world_size"])
+    if saved["world_size"] == world:
+        rank_state = ckpt.safe_torch_load(ckpt.rank_state_path(path, rank))
+        ckpt.set_rng_state(rank_state["rng"])
+        loader_state = rank_state["loader"]
+    else:
+        # The data position is the same on every old rank (equal batches); their skip counts
+        # are summed on the new rank 0 so the job-wide totals stay right.
+        loader_state = dict(ckpt.safe_torch_load(ckpt.rank_state_path(path, 0))["loader"])
+        skipped: dict[str, int] = {}
+        for old_rank in range(saved["world_size"]) if rank == 0 else ():
+            counts = ckpt.safe_torch_load(ckpt.rank_state_path(path, old_rank))["loader"].get("skipped", {})
+            for reason, count in counts.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        loader_state["skipped"] = skipped
+        seed = (t.config.run.seed * 1_000_003 + saved["step"]) * 4099 + rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    t.loader.load_state_dict(loader_state)
+    t.state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+    resharded = f" (written by {saved['world_size']} ranks, resharded for {world})" if saved["world_size"] != world else ""
+    t.say(f"resumed from {path} at step {t.state.step}{resharded}")
     t.log({"step": t.state.step, "resumed_from": str(path)})  # later records of a step supersede earlier ones
 
 
@@ -577,21 +544,20 @@ def load_checkpoint(t: Trainer, path: Path) -> None:
 
 def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
     """Process group up, train, and always tear down (metrics flushed, group destroyed)."""
-    import torch.distributed as dist
-
     config, launch = prepared.config, prepared.launch
     faults.set_context(rank=launch.rank)
     stops = faults.StopRequests().install()
     watchdog = faults.Watchdog(config.engine.watchdog_seconds, launch.rank).start()
     metrics, trainer, code = None, None, faults.EXIT_FAILED
     try:
-        device = init_distributed(config, launch)
+        comm = start_process_group(config, launch)
         if launch.rank == 0:
             config.run.directory.mkdir(parents=True, exist_ok=True)
             save_config(config, config.run.directory / "config.yaml")
         objective = build_objective(config)
         model = build_model(config, objective)
-        engine, optimizer = build_engine(config, model, prepared.ds_config)
+        saved_world = prepared.saved["world_size"] if prepared.saved else None
+        engine = build_engine(config, model, comm, ds_config=prepared.ds_config, saved_world_size=saved_world)
         torch.manual_seed(config.run.seed * 1000 + 1 + launch.rank)  # dropout etc. differ per rank
         loader = build_loader(config, launch)
         from vitscale.metrics import TrainingMetrics
@@ -599,24 +565,23 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
         metrics = TrainingMetrics(config.metrics, rank=launch.rank, local_rank=launch.local_rank,
                                   world_size=launch.world_size, job_id=launch.job_id, model_name=config.model.name,
                                   run_dir=config.run.directory)
-        trainer = Trainer(config, launch, device, engine, optimizer, objective, loader, metrics, stops, watchdog)
-        trainer.fewshot = FewShotEvaluator.from_config(config)
+        trainer = Trainer(config, launch, engine, objective, build_backward(config), loader, metrics, stops,
+                          watchdog, evaluators=build_evaluators(config, launch))
         if launch.rank == 0:
             trainer.log_file = open(config.run.directory / "log.jsonl", "a")
         if prepared.resume_from is not None:
-            load_checkpoint(trainer, prepared.resume_from)
+            load_checkpoint(trainer, prepared.resume_from, prepared.saved)
         watchdog.beat()
         code = train(trainer)
         trainer.say(f"done: {faults.describe_exit(code)} at step {trainer.state.step}")
     except VitscaleError as error:
         _print_error(error, launch)
         code = error.exit_code
-    except RuntimeError as error:
-        if not _is_collective_timeout(error):
-            raise
-        print(f"vitscale: rank {launch.rank}: a collective timed out after "
-              f"{config.engine.collective_timeout_seconds:g} s (engine.collective_timeout_seconds): another rank "
-              f"hung or died ({str(error).splitlines()[0][:200]})", file=sys.stderr, flush=True)
+    except collective_errors() as error:
+        print(f"vitscale: rank {launch.rank}: a collective failed or timed out (engine.collective_timeout_seconds="
+              f"{config.engine.collective_timeout_seconds:g}): another rank hung or died "
+              f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})",
+              file=sys.stderr, flush=True)
         code = faults.EXIT_HUNG
     finally:
         watchdog.stop()
@@ -626,15 +591,8 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
             trainer.log_file.close()
         if code == faults.EXIT_HUNG:
             os._exit(code)  # a peer may be gone: destroying the group could block on it
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        stop_process_group()
     return code
-
-
-def _is_collective_timeout(error: RuntimeError) -> bool:
-    text = str(error).lower()
-    return "timed out" in text or "timeout" in text or "connection closed by peer" in text \
-        or "connection reset" in text
 
 
 def _print_error(error: VitscaleError, launch: Launch) -> None:

@@ -65,7 +65,11 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    # DeepSpeed JSON; its "auto" values are filled from this tree, and explicit values must agree.
+    # Who runs backward, the optimizer step, communication and checkpoints (README "Engines"):
+    # deepspeed (ZeRO-engine.zero_stage, the default), fsdp2 (torch fully_shard per block, DCP
+    # checkpoints), local (one process, no wrapper: the reference).
+    kind: Literal["deepspeed", "fsdp2", "local"] = "deepspeed"
+    # DeepSpeed JSON (engine.kind=deepspeed only); its "auto" values are filled from this tree, and explicit values must agree.
     ds_config: str | None = None
     zero_stage: int = 2
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -97,6 +101,9 @@ class EngineConfig:
     peak_flops: float | None = None
 
     def validate(self) -> None:
+        if self.ds_config and self.kind != "deepspeed":
+            raise ConfigError("engine.ds_config", f"a DeepSpeed JSON was given but engine.kind={self.kind}",
+                              "drop --ds_config, or use engine.kind=deepspeed")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("engine.zero_stage", f"{self.zero_stage} is not a ZeRO stage", "use 0, 1, 2 or 3")
         require_positive(self, "engine", ("micro_batch_size", "global_batch_size", "keep_last",

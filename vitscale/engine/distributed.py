@@ -1,15 +1,32 @@
-"""Process-group plumbing of the main job: where this process sits, starting the group, and the
-small collectives the loop agrees with (stop requests, skip decisions, checkpoint verdicts)."""
+"""Talking to the other ranks: where this process sits, starting the process group, and the one
+device-aware helper every control-plane collective goes through.
+
+    launch = Launch.from_environment()
+    comm = start_process_group(config, launch)          # None group for one process
+    stop, skipped = comm.host_reduce([stop_flag, skipped_flag], "max")   # floats on every rank
+    flag = comm.device_any(nonfinite)                   # stays on the device, no host sync
+
+Control-plane values (stop requests, non-finite flags, loss sums, rank times, checkpoint
+verdicts, evaluation counts) are tiny, but a process group whose backend is NCCL has no backend
+for CPU tensors, so every such tensor is built on `comm.device`: the accelerator under NCCL,
+the CPU under gloo. The group is started with one backend per device type ("cpu:gloo,cuda:nccl"
+on GPUs), so CPU tensors a library reduces on its own still have a backend. Nothing outside
+vitscale/engine/ calls torch.distributed; a test enforces it.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal, Sequence
 
 import torch
 
 from vitscale.engine import faults
+
+ReduceOp = Literal["sum", "max", "min"]
 
 
 @dataclass(frozen=True)
@@ -33,61 +50,112 @@ class Launch:
                       job_id=env.get("SLURM_JOB_ID", ""))
 
 
-def init_distributed(config, launch: Launch) -> torch.device:
-    import deepspeed
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+class Communicator:
+    """Collectives of small control values, on the device the group's backend accepts.
 
+    `host_reduce` is the only call that reads a result back to the host (one transfer for all
+    values); `device_any` leaves its result on the device for the caller to use without a sync.
+    With no process group (one process), both reduce over this rank alone."""
+
+    def __init__(self, device: torch.device, world_size: int, distributed: bool):
+        self.device, self.world_size, self.distributed = device, world_size, distributed
+
+    def _all_reduce(self, tensor: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+        if self.distributed:
+            import torch.distributed as dist
+
+            faults.maybe_inject("collective")
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                        "min": dist.ReduceOp.MIN}[op])
+        return tensor
+
+    def stack(self, values: Sequence[float | bool | torch.Tensor]) -> torch.Tensor:
+        """One float64 vector on the control device; device scalars are not read to the host."""
+        parts = [value.detach().reshape(()).to(self.device, torch.float64) if isinstance(value, torch.Tensor)
+                 else torch.tensor(float(value), dtype=torch.float64, device=self.device) for value in values]
+        return torch.stack(parts)
+
+    def host_reduce(self, values: Sequence[float | bool | torch.Tensor], op: ReduceOp = "sum") -> list[float]:
+        """Reduce each value over every rank; the results on the host (one device->host copy)."""
+        return self._all_reduce(self.stack(values), op).tolist()
+
+    def device_any(self, flag: torch.Tensor) -> torch.Tensor:
+        """True on every rank if `flag` is true on any rank; a bool scalar on the flag's device."""
+        reduced = self._all_reduce(flag.detach().reshape(()).to(self.device, torch.float32), "max")
+        return (reduced > 0).to(flag.device)
+
+    def all_gather(self, values: Sequence[float]) -> list[list[float]]:
+        """Every rank's `values`, indexed by rank (rank times for the straggler view)."""
+        mine = self.stack(values)
+        if not self.distributed:
+            return [mine.tolist()]
+        import torch.distributed as dist
+
+        every = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        return torch.stack(every).tolist()
+
+    def barrier(self) -> None:
+        """Every rank reaches this point (an all-reduce on the control device: a gloo barrier
+        would use CPU tensors, an NCCL one would guess the device)."""
+        if self.distributed:
+            self._all_reduce(torch.zeros(1, device=self.device), "sum").tolist()
+
+    def broadcast_object(self, value, src: int = 0):
+        """`value` of rank `src` on every rank (plain Python objects: paths, verdict texts)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=src, device=self.device)
+        return box[0]
+
+
+# The typed errors a failed collective raises (a peer died, hung past the timeout, or the
+# store went away); the job maps them to exit code 4.
+def collective_errors() -> tuple[type[BaseException], ...]:
+    import torch.distributed as dist
+
+    return tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
+                 if hasattr(dist, name))
+
+
+def accelerator_device(local_rank: int) -> torch.device:
+    """The device this rank trains on: its GPU when there is one, else the CPU."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def start_process_group(config, launch: Launch) -> Communicator:
+    """The process group for every engine, with engine.collective_timeout_seconds; one process
+    without a launcher gets no group (the local engine) unless the engine needs one."""
+    import torch.distributed as dist
+
+    device = accelerator_device(launch.local_rank)
+    needs_group = launch.world_size > 1 or config.engine.kind == "deepspeed"
+    if not needs_group:
+        return Communicator(device, 1, distributed=False)
     if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    quiet_library_logs()
-    accelerator = get_accelerator()
-    on_cpu = accelerator.device_name() == "cpu"
-    if on_cpu:
-        # DeepSpeed's shared-memory all-reduce serves inference only; skipping it saves a JIT
-        # compile at start-up and keeps every collective under gloo's timeout.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    else:
-        accelerator.set_device(launch.local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accelerator.communication_backend_name(),
-                               timeout=timedelta(seconds=config.engine.collective_timeout_seconds),
-                               auto_mpi_discovery=False)
-    return torch.device(accelerator.current_device_name())
+                          MASTER_PORT=str(free_port()))
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+    timeout = timedelta(seconds=config.engine.collective_timeout_seconds)
+    # DeepSpeed adopts a group that already exists, so every engine starts it the same way.
+    dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    return Communicator(device, launch.world_size, distributed=True)
 
 
-def quiet_library_logs() -> None:
-    """DeepSpeed logs every internal step at INFO; the engine prints its own progress lines."""
-    import logging
-    import warnings
+def stop_process_group() -> None:
+    import torch.distributed as dist
 
-    from deepspeed.utils import logger as deepspeed_logger
-
-    deepspeed_logger.setLevel(logging.WARNING)
-    # Our optimizers are torch's AdamW / SGD (plus a skip guard), which ZeRO partitions like any other.
-    deepspeed_logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def all_reduce(values: list[float], op=None) -> list[float]:
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    faults.maybe_inject("collective")
-    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    return all_reduce([1.0 if flag else 0.0], dist.ReduceOp.MAX)[0] > 0

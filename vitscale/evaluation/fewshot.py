@@ -204,6 +204,9 @@ class FewShotEvaluator:
     micro_batch_size: int = 64
     max_test_images: int | None = 10_000
     l2_reg: float | None = None
+    every: int = 0                 # in the training loop: run every this many steps
+    name = "few-shot"
+    at_end = False
 
     @classmethod
     def from_config(cls, config) -> "FewShotEvaluator | None":
@@ -214,7 +217,7 @@ class FewShotEvaluator:
         return cls(config.data, train_shards=section.train_shards, test_shards=section.test_shards,
                    image_size=config.model.image_size, num_classes=section.num_classes or config.model.num_classes,
                    shots=tuple(section.shots), micro_batch_size=section.micro_batch_size,
-                   max_test_images=section.max_test_images, l2_reg=section.l2_reg)
+                   max_test_images=section.max_test_images, l2_reg=section.l2_reg, every=section.every)
 
     def loader(self, shards: str):
         from vitscale.data import build_eval_loader
@@ -222,6 +225,15 @@ class FewShotEvaluator:
         data = dataclasses.replace(self.data, eval_shards=shards, multi_label=False)
         return build_eval_loader(data, micro_batch_size=self.micro_batch_size, image_size=self.image_size,
                                  num_classes=self.num_classes, rank=0, world_size=1)
+
+    def run(self, engine, beat) -> dict[str, float]:
+        """In the loop: every rank scores the whole few-shot data (ZeRO-3's and FSDP2's forward is
+        collective; elsewhere it keeps the ranks in step for the next collective)."""
+        beat()
+        with engine.autocast():
+            values = self.evaluate(engine.module, device=engine.device)
+        beat()
+        return values
 
     def evaluate(self, model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, float]:
         return fewshot_accuracy(model, self.loader(self.train_shards), self.loader(self.test_shards),

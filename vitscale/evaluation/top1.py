@@ -1,61 +1,93 @@
-"""Top-1 accuracy of a model on held-out shards.
+"""Top-1 accuracy and loss on held-out shards; the one evaluator of the loop and of `vitscale eval`.
 
-    result = evaluate_top1(model, build_eval_loader(config.data, ...))   # {"top1": 0.81, "images": 50000}
+    result = evaluate_top1(model, build_eval_loader(config.data, ...))
+    # {"top1": 0.81, "loss": 0.93, "samples": 50000}      multi-hot targets: "prec@1" instead of "top1"
 
-Padding rows (valid == False, added so that every rank has the same number of batches) are not
-counted. Under torch.distributed every rank passes its own loader shard and the counts are
-summed over ranks, so each rank returns the global accuracy. Multi-hot targets (multi-label
-data) count a hit when the top prediction is one of the image's labels (precision@1).
+Padding rows (valid == False, added so that every rank has the same number of batches) count
+nothing. Single-label targets are class ids (softmax cross-entropy); multi-hot targets (B, K)
+score a hit when the top class is one of the image's labels (precision@1) and the sigmoid
+cross-entropy summed over classes. Counts stay on the device until the end; with `reduce`
+(the engine's `comm.host_reduce`) they are summed over ranks, so each rank returns the global
+numbers. Under ZeRO-3 / FSDP2 the forward is collective: every rank must call this with the
+same number of batches, which the eval loader's padding guarantees.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 
 from vitscale.errors import DataError
+
+Reduce = Callable[[Sequence[torch.Tensor], str], list[float]]
 
 
 @torch.no_grad()
 def evaluate_top1(model: torch.nn.Module, batches, *, device: torch.device | str | None = None,
-                  max_batches: int | None = None) -> dict[str, float]:
+                  dtype: torch.dtype | None = None, reduce: Reduce | None = None, max_batches: int | None = None,
+                  beat: Callable[[], None] = lambda: None) -> dict[str, float]:
     module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper
     device = torch.device(device) if device is not None else next(module.parameters()).device
-    dtype = next(module.parameters()).dtype  # bf16 engines hold bf16 weights: feed them bf16 images
+    dtype = dtype or next(module.parameters()).dtype  # bf16 engines hold bf16 weights: feed them bf16 images
     was_training = module.training
     module.eval()
-    correct = torch.zeros((), dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # hits, valid images, loss sum
+    multi_label = False
     try:
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
-            images, targets = batch[0], batch[1]
-            valid = (batch[2] if len(batch) > 2 else torch.ones(len(images), dtype=torch.bool)).bool().cpu()
-            predicted = module(images.to(device, dtype=dtype, non_blocking=True)).argmax(dim=-1).cpu()  # (B,)
-            correct += count_hits(predicted, targets.cpu(), valid)
-            total += valid.sum()
+            beat()
+            images, targets = batch[0], batch[1].to(device, non_blocking=True)
+            valid = batch[2] if len(batch) > 2 else torch.ones(len(images), dtype=torch.bool)
+            multi_label = targets.dim() == 2
+            logits = module(images.to(device, dtype=dtype, non_blocking=True)).float()  # (B, K)
+            totals += batch_counts(logits, targets, valid.to(device).bool())
     finally:
         module.train(was_training)
-    correct, total = _sum_over_ranks(correct, total, device)
-    if total == 0:
+    hits, count, loss_sum = reduce(list(totals), "sum") if reduce is not None else totals.tolist()
+    if count == 0:
         raise DataError("top-1 evaluation read no images (empty shards?); check data.eval_shards")
-    return {"top1": (correct / total).item(), "images": int(total.item())}
+    return {"prec@1" if multi_label else "top1": hits / count, "loss": loss_sum / count, "samples": count}
 
 
-def count_hits(predicted: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def batch_counts(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(hits, valid images, loss sum) of one batch as a float64 vector on the logits' device."""
+    predicted = logits.argmax(dim=-1)
     if targets.dim() == 2:  # multi-hot (B, K): is the top class among the labels?
-        hits = targets.gather(1, predicted[:, None]).squeeze(1) > 0
+        hit = targets.gather(1, predicted[:, None]).squeeze(1) > 0.5
+        loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").sum(-1)
     else:
-        hits = predicted == targets
-    return (hits & valid).sum().double()
+        hit = predicted == targets
+        loss = F.cross_entropy(logits, targets, reduction="none")
+    return torch.stack([(hit & valid).sum().double(), valid.sum().double(),
+                        torch.where(valid, loss, torch.zeros_like(loss)).sum().double()])
 
 
-def _sum_over_ranks(correct: torch.Tensor, total: torch.Tensor, device: torch.device):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return correct, total
-    # NCCL reduces CUDA tensors only; gloo takes CPU ones.
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    both = torch.stack([correct, total]).to(on)
-    dist.all_reduce(both)
-    return both[0].cpu(), both[1].cpu()
+class TopOneEvaluation:
+    """The loop's periodic held-out evaluation (engine.eval_every steps and at the end)."""
+
+    name = "eval"
+
+    def __init__(self, config, *, rank: int, world_size: int):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.every, self.at_end = config.engine.eval_every, True
+
+    @classmethod
+    def from_config(cls, config, *, rank: int, world_size: int) -> "TopOneEvaluation | None":
+        if not config.data.eval_shards or config.run.objective != "classification":
+            return None
+        return cls(config, rank=rank, world_size=world_size)
+
+    def run(self, engine, beat: Callable[[], None]) -> dict[str, float]:
+        from vitscale.data import build_eval_loader
+
+        config = self.config
+        loader = build_eval_loader(config.data, micro_batch_size=config.engine.micro_batch_size,
+                                   image_size=config.model.image_size, num_classes=config.model.num_classes,
+                                   rank=self.rank, world_size=self.world_size)
+        with engine.autocast():
+            return evaluate_top1(engine.module, loader, device=engine.device, dtype=engine.input_dtype,
+                                 reduce=engine.comm.host_reduce, beat=beat)

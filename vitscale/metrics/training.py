@@ -195,15 +195,18 @@ class TrainingMetrics:
     # -----------------------------------------------------------------------------------------
     # Recording.
 
-    def record_step(self, step: int, loss: float, lr: float, grad_norm: float, images: int, tokens: int,
-                    step_seconds: float, data_wait_seconds: float, mfu: float | None) -> None:
-        """One optimizer step; images/tokens were processed by this rank in this step."""
+    def record_step(self, step: int, loss: float | None, lr: float, grad_norm: float | None, images: int,
+                    tokens: int, step_seconds: float, data_wait_seconds: float, mfu: float | None) -> None:
+        """One optimizer step; images/tokens were processed by this rank in this step. Loss and
+        gradient norm come on logging steps only (reading them costs a host sync); None keeps
+        the last value."""
         if step > self._last_step:  # counter value = current step, also right after a resume
             self._with(self.steps).inc(step - self._last_step)
             self._last_step = step
         self._with(self.samples).inc(images)
         self._with(self.tokens).inc(tokens)
-        self._with(self.loss).set(float(loss))
+        if loss is not None:
+            self._with(self.loss).set(float(loss))
         self._with(self.learning_rate).set(float(lr))
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             self._with(self.grad_norm).set(float(grad_norm))

@@ -63,7 +63,10 @@ def check_research_rules(config) -> None:
     """Rules spanning sections, for the whole config tree (called by Config.validate)."""
     optim, engine = config.optim, config.engine
     if optim.name in ("sam", "gsam"):
-        if engine.zero_stage == 3:
+        if engine.kind == "fsdp2":
+            raise ConfigError("engine.kind", f"optim.name={optim.name} needs each rank to hold the full weights "
+                              "to perturb them; FSDP2 shards them", "use engine.kind=deepspeed (ZeRO 0-2) or local")
+        if engine.zero_stage == 3 and engine.kind == "deepspeed":
             raise ConfigError("engine.zero_stage", f"optim.name={optim.name} needs each rank to hold the full "
                               "weights to perturb them; ZeRO-3 shards them", "use engine.zero_stage 0, 1 or 2")
         if engine.precision == "fp16":

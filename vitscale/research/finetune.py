@@ -39,7 +39,7 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], "Config"
         from vitscale.model.weights import load_weights
 
         return load_weights(path)
-    from vitscale.engine.export import load_checkpoint_weights
+    from vitscale.interop.export import load_checkpoint_weights
 
     return load_checkpoint_weights(path)
 

@@ -222,7 +222,7 @@ def build_masked_patch_objective(config) -> MaskedPatchObjective:
 
 
 def _register() -> None:
-    from vitscale.engine.objectives import register_objective
+    from vitscale.objectives import register_objective
 
     register_objective("masked_patch", build_masked_patch_objective)
 

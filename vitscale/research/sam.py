@@ -152,3 +152,31 @@ def sharpness_aware_backward(loss_fn: LossFn, params: Sequence[torch.Tensor], ba
     update, stats = sharpness_aware_gradients(loss_fn, params, rho=rho, alpha=alpha)
     backward(surrogate_loss(params, update))
     return stats
+
+
+class SharpnessAwareBackward:
+    """optim.name=sam|gsam as the loop's gradient method (vitscale.objectives.Backward)."""
+
+    def __init__(self, settings: SharpnessSettings):
+        self.settings = settings
+
+    def __call__(self, engine, objective, images: torch.Tensor, targets: torch.Tensor, *,
+                 boundary: bool) -> torch.Tensor:
+        lr = engine.param_groups[0]["lr"]
+        losses: list[torch.Tensor] = []
+
+        def loss_fn() -> torch.Tensor:
+            # The bare module: an engine forward arms DeepSpeed's gradient reduction, which must
+            # run only for the final backward of the SAM/GSAM direction.
+            with engine.autocast():
+                losses.append(objective.loss(engine.module, images, targets)[0])
+            return losses[-1]
+
+        sharpness_aware_backward(loss_fn, list(engine.module.parameters()),
+                                 lambda surrogate: engine.backward(surrogate, boundary=boundary),
+                                 rho=self.settings.rho(lr), alpha=self.settings.alpha)
+        return losses[0]  # the clean loss f(w), as big_vision logs it; losses[1] is f(w + e)
+
+
+def build_backward(config) -> SharpnessAwareBackward:
+    return SharpnessAwareBackward(settings_from_config(config))

@@ -1,7 +1,10 @@
-"""Learning objectives: what a training step minimises. `run.objective` selects one.
+"""Learning objectives (what a step minimises) and gradient methods (how a micro-batch's
+gradient reaches the engine). `run.objective` and `optim.name` select them.
 
     objective = build_objective(config)
     loss, stats = objective.loss(model, images, targets)     # stats: floats for the log
+    backward = build_backward(config)                        # plain, or SAM / GSAM
+    loss = backward(engine, objective, images, targets, boundary=last_micro_batch)
 
 Built in: "classification", softmax cross-entropy over int64 class ids, or (data.multi_label)
 sigmoid cross-entropy over float multi-hot targets, summed over classes and averaged over images,
@@ -25,11 +28,22 @@ class Objective(Protocol):
     def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
+    def attach(self, model: nn.Module) -> None:
+        """Add the objective's own parameters to the model before an engine wraps it."""
+
+
+class Backward(Protocol):
+    def __call__(self, engine, objective: Objective, images: torch.Tensor, targets: torch.Tensor, *,
+                 boundary: bool) -> torch.Tensor:
+        """Forward, backward into the engine; returns the micro-batch's (clean) loss."""
+
 
 ObjectiveFactory = Callable[[Any], Objective]
 _REGISTRY: dict[str, ObjectiveFactory] = {}
-# Objectives defined outside the engine, imported on first use: name -> module that registers it.
+# Objectives defined elsewhere, imported on first use: name -> module that registers it.
 _PROVIDERS = {"masked_patch": "vitscale.research.masked"}
+# Gradient methods other than the plain one: optim.name -> module with `build_backward(config)`.
+_BACKWARD_PROVIDERS = {"sam": "vitscale.research.sam", "gsam": "vitscale.research.sam"}
 
 
 def register_objective(name: str, factory: ObjectiveFactory) -> None:
@@ -47,6 +61,25 @@ def build_objective(config: Any) -> Objective:
     return _REGISTRY[name](config)
 
 
+def plain_backward(engine, objective: Objective, images: torch.Tensor, targets: torch.Tensor, *,
+                   boundary: bool) -> torch.Tensor:
+    from vitscale.engine import faults
+
+    with engine.autocast():
+        loss, _ = objective.loss(engine.train_module, images, targets)
+    if faults.maybe_inject("loss") == "nan_loss":
+        loss = loss * float("nan")
+    engine.backward(loss, boundary=boundary)
+    return loss
+
+
+def build_backward(config: Any) -> Backward:
+    provider = _BACKWARD_PROVIDERS.get(config.optim.name)
+    if provider is None:
+        return plain_backward
+    return importlib.import_module(provider).build_backward(config)
+
+
 class Classification:
     """Softmax cross-entropy (single label) or sigmoid cross-entropy (multi-label)."""
 
@@ -61,6 +94,9 @@ class Classification:
         else:
             loss = F.cross_entropy(logits, targets)
         return loss, {}
+
+    def attach(self, model: nn.Module) -> None:
+        pass  # no parameters of its own
 
 
 def sigmoid_cross_entropy(logits: torch.Tensor, multi_hot: torch.Tensor) -> torch.Tensor:

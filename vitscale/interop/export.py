@@ -3,7 +3,8 @@
     vitscale export runs/vit_b16_i21k vit_b16.safetensors          # the run's latest complete checkpoint
     vitscale export runs/vit_b16_i21k/checkpoints/step_00093000 vit_b16.safetensors
 
-Works for every ZeRO stage and world size: whenever the checkpoint has optimizer partitions, the
+Works for every engine, ZeRO stage and world size: DCP checkpoints (engine.kind local / fsdp2)
+hold the fp32 weights; for DeepSpeed, whenever the checkpoint has optimizer partitions, the
 exact fp32 master weights are merged from them (DeepSpeed's zero_to_fp32; a bf16 run's module
 file holds only rounded weights), with every file read by weights_only loading. Fine-tuning reads
 checkpoints through the same `load_checkpoint_weights`. The output
@@ -67,36 +68,23 @@ def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
         config = config_from_dict(yaml.safe_load(config_file.read_text()) or {}).validate()
     except VitscaleError as error:
         raise CheckpointError(f"{config_file} is not a valid config ({error})") from None
-    if any(directory.glob("*zero_pp_rank_*_optim_states.pt")):
-        state = _zero_fp32_weights(directory)
-    else:
-        state = _module_weights(directory)
+    state = read_checkpoint_weights(directory, config)
     state = {name: tensor.float() for name, tensor in state.items()
              if not name.startswith(PRETRAINING_ONLY_PREFIXES)}
     check_state_dict(state, config.model, source=str(directory))
     return state, config
 
 
-def _zero_fp32_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own consolidation of the fp32 partitions (read with weights_only loads)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def read_checkpoint_weights(directory: Path, config: "Config") -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 model tensors, whichever engine wrote it."""
+    from vitscale.engine.torch_state import is_dcp_checkpoint, read_dcp_weights
 
-    from vitscale.engine.checkpoint import torch_load_weights_only
+    if is_dcp_checkpoint(directory):  # engine.kind local / fsdp2
+        from vitscale.model import build_model
 
-    try:
-        with torch_load_weights_only():
-            return get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise CheckpointError(f"{directory}: cannot consolidate its ZeRO partitions ({first_line}); "
-                              "resume it with the world size that wrote it, or start from exported weights") from None
+        return read_dcp_weights(directory, build_model(config.model).state_dict())
+    from vitscale.engine.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
 
-
-def _module_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from vitscale.engine.checkpoint import safe_torch_load
-
-    states = safe_torch_load(directory / "mp_rank_00_model_states.pt")
-    module = states.get("module") if isinstance(states, dict) else None
-    if not module:
-        raise CheckpointError(f"{directory} holds no module weights; export them first: vitscale export {directory} weights.safetensors")
-    return module
+    if not is_deepspeed_checkpoint(directory):
+        raise CheckpointError(f"{directory} holds neither DeepSpeed nor DCP model files; pick another checkpoint")
+    return read_deepspeed_weights(directory)

@@ -1,0 +1,101 @@
+"""Checkpoints of the local and FSDP2 engines: PyTorch Distributed Checkpoint (DCP).
+
+    RUN_DIR/checkpoints/step_00001000/dcp/      .metadata + one __R_0.distcp file per writing rank
+
+DCP stores each tensor by its fully qualified name with the shards' global offsets, so a
+checkpoint written by N ranks (or one process) loads on M ranks: every rank reads exactly the
+slices it owns now. Model and optimizer go through torch's `get_state_dict`/`set_state_dict`,
+which translate between FSDP2's sharded DTensors, a plain module, and the name-keyed optimizer
+state. Optimizer state is fp32 and copied, never recomputed: resharding is exact bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DCP_DIR = "dcp"
+
+
+def is_dcp_checkpoint(directory: Path) -> bool:
+    return (directory / DCP_DIR / ".metadata").is_file()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """Write model + optimizer; the first failure as text (DCP agrees on it over the ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from vitscale.engine import faults
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    try:
+        faults.maybe_inject("checkpoint_write", path=directory / DCP_DIR)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR),
+                 no_dist=not _distributed())
+    except Exception as error:  # noqa: BLE001 - ENOSPC reaches us as OSError, RuntimeError or CheckpointException
+        return _first_line(error)
+    return None
+
+
+def load_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from vitscale.errors import CheckpointError
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not _distributed())
+    except Exception as error:  # noqa: BLE001 - DCP wraps every reader failure
+        raise CheckpointError(f"cannot read {directory / DCP_DIR}: {_first_line(error)}; pick another "
+                              "checkpoint (engine.resume=PATH)") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {"fp32": weight, state key: tensor}} in full on every rank (collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    full = {name: {"fp32": _local(tensor)} for name, tensor in model_state.items()}
+    for name, values in optim_state["state"].items():
+        for key, value in values.items():
+            full[name][key] = _local(value)
+    return full
+
+
+def read_dcp_weights(directory: Path, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model tensors named in `template` (a state_dict of the right shapes) from a DCP
+    checkpoint, in one process without a process group (export, fine-tuning)."""
+    import torch.distributed.checkpoint as dcp
+
+    from vitscale.errors import CheckpointError
+
+    state = {"model": {name: torch.empty_like(tensor, dtype=torch.float32) for name, tensor in template.items()}}
+    try:
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=True)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {directory / DCP_DIR}: {_first_line(error)}") from None
+    return state["model"]
+
+
+def _local(tensor):
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().clone() if isinstance(tensor, torch.Tensor) else torch.tensor(tensor)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
