@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from vitscale.config import load_config
 from vitscale.engine.ds_config import deepspeed_config, fill_bucket_sizes, read_ds_json, resolve_zero_stage
 from vitscale.objectives import build_objective, sigmoid_cross_entropy
-from vitscale.engine.optim import GuardedAdamW, build_optimizer, learning_rate, parameter_groups
+from vitscale.engine.optim import build_optimizer, learning_rate, parameter_groups, step_unless
 from vitscale.errors import ConfigError
 from vitscale.model import ModelConfig, build_model
 
@@ -109,7 +109,7 @@ def test_adamw_decays_weights_but_not_embeddings_norms_or_biases():
     config = load_config(REPO / "configs" / "demo.yaml", ["optim.weight_decay=0.1", "optim.lr=0.01"])
     model = tiny_model()
     optimizer = build_optimizer(config.optim, model)
-    assert isinstance(optimizer, GuardedAdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -135,28 +135,33 @@ def test_sgd_with_momentum_for_fine_tuning():
     assert torch.allclose(param, start - 0.1 * 2.9, atol=1e-6)
 
 
-def test_guard_skips_update_and_state_on_request_and_on_nonfinite_gradients():
-    model = tiny_model()
-    optimizer = build_optimizer(load_config(REPO / "configs" / "demo.yaml").optim, model)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    optimizer.step()
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_device_flag_skips_update_and_state_even_on_the_first_step(name):
+    """step_unless hands the flag to the fused kernel (found_inf): a skipped step leaves weights,
+    moments and step counts exactly as they were, also when it is the very first step (fused SGD
+    would otherwise keep an uninitialised momentum buffer), and a later real step is the one a
+    fresh optimizer would take."""
+    config = load_config(REPO / "configs" / "demo.yaml", [f"optim.name={name}"])
+    model, twin = tiny_model(), tiny_model()
+    twin.load_state_dict(model.state_dict())
+    optimizer, reference = build_optimizer(config.optim, model), build_optimizer(config.optim, twin)
+    assert optimizer.defaults["fused"]
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {k: {s: v.clone() for s, v in st.items()} for k, st in optimizer.state.items()}
-    optimizer.skip_next = True
-    optimizer.step()
-    assert optimizer.last_step_skipped and not optimizer.skip_next
-    model.head.weight.grad[0, 0] = float("nan")
-    optimizer.step()
-    assert optimizer.last_step_skipped and optimizer.steps_skipped_by_guard == 2
-    for name, param in model.named_parameters():
-        assert torch.equal(param, snapshot[name])
-    for key, st in optimizer.state.items():
-        assert all(torch.equal(v, state[key][s]) for s, v in st.items())
-    model.head.weight.grad[0, 0] = 1.0
-    optimizer.step()
-    assert not optimizer.last_step_skipped
-    assert not torch.equal(model.head.weight, snapshot["head.weight"])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    step_unless(optimizer, torch.tensor(True))
+    for name_, param in model.named_parameters():
+        assert torch.equal(param, snapshot[name_]), name_
+    for p, q in zip(model.parameters(), twin.parameters()):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    step_unless(optimizer, torch.tensor(False))
+    reference.step()
+    for (name_, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name_
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in reference.state[q].items():
+            assert torch.equal(torch.as_tensor(optimizer.state[p][key]), torch.as_tensor(value)), key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,17 +223,24 @@ def test_unknown_objective_is_a_config_error():
 
 
 def test_eval_counts_exclude_padding_and_score_precision_at_1():
-    from vitscale.engine.evaluate import eval_counts
+    from vitscale.evaluation.top1 import batch_counts, evaluate_top1
 
     logits = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
     labels = torch.tensor([1, 1, 2, 0])
     valid = torch.tensor([True, True, True, False])  # the last row pads the batch
-    correct, count, loss_sum = eval_counts(logits, labels, valid, multi_label=False).tolist()
+    correct, count, loss_sum = batch_counts(logits, labels, valid).tolist()
     assert (correct, count) == (2, 3)
     assert loss_sum == pytest.approx(F.cross_entropy(logits[:3], labels[:3], reduction="sum").item())
     multi_hot = torch.tensor([[0, 1, 1], [0, 1, 0], [1, 0, 1], [1, 0, 0]], dtype=torch.float32)
-    correct, count, _ = eval_counts(logits, multi_hot, valid, multi_label=True).tolist()
+    correct, count, _ = batch_counts(logits, multi_hot, valid).tolist()
     assert (correct, count) == (2, 3)  # top class among the labels: rows 0 and 2
+    # The evaluator over a "model" that returns these logits: same counts, keys of the loop's log.
+    model = torch.nn.Linear(4, 3)
+    model.forward = lambda images: logits  # type: ignore[method-assign]
+    result = evaluate_top1(model, [(torch.zeros(4, 4), labels, valid)])
+    assert result["top1"] == pytest.approx(2 / 3) and result["samples"] == 3
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits[:3], labels[:3]).item())
+    assert evaluate_top1(model, [(torch.zeros(4, 4), multi_hot, valid)])["prec@1"] == pytest.approx(2 / 3)
 
 
 def test_launch_environment_from_slurm_without_torchrun(monkeypatch):

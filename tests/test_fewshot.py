@@ -184,7 +184,7 @@ def test_shards_and_cli_agree_with_arrays(tmp_path, digits, models, shards):
     assert vitscale_main(["eval", "top1", str(weights), "--shards", eval_pattern, "--batch-size", "64",
                           "--device", "cpu", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["images"] == len(y) and abs(result["top1"] - expected) <= 0.01
+    assert result["samples"] == len(y) and abs(result["top1"] - expected) <= 0.01
     # Public-format weights are converted on the fly: the same model as a big_vision .npz.
     from vitscale.interop import vitscale_to_npz, write_npz
 
@@ -222,6 +222,7 @@ RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from vitscale.data import build_eval_loader
 from vitscale.evaluation.cli import load_for_eval
+from vitscale.engine.distributed import Communicator
 from vitscale.evaluation.top1 import evaluate_top1
 rank, world_size, port, weights, shards, out = sys.argv[1:]
 rank, world_size = int(rank), int(world_size)
@@ -230,7 +231,7 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank
 model, config = load_for_eval(weights, ["data.num_workers=0", "data.pin_memory=false", f"data.eval_shards={shards}"], "cpu")
 loader = build_eval_loader(config.data, micro_batch_size=32, image_size=config.model.image_size,
                            num_classes=config.model.num_classes, rank=rank, world_size=world_size)
-result = evaluate_top1(model, loader)
+result = evaluate_top1(model, loader, reduce=Communicator(torch.device("cpu"), world_size, True).host_reduce)
 result["local_batches"] = len(loader)
 json.dump(result, open(f"{out}/rank{rank}.json", "w"))
 dist.destroy_process_group()
@@ -261,7 +262,7 @@ def test_top1_sums_over_ranks(tmp_path, models, digits, shards):
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert results[0]["local_batches"] == results[1]["local_batches"]
     for result in results:
-        assert result["images"] == len(y)
+        assert result["samples"] == len(y)
         assert abs(result["top1"] - expected) <= 0.01
 
 
@@ -273,13 +274,13 @@ def test_top1_ignores_padding_and_scores_multi_hot(models, digits):
         predicted = trained(x).argmax(1)
     valid = torch.arange(40) < 30
     result = evaluate_top1(trained, [(x, y, valid)])
-    assert result["images"] == 30
+    assert result["samples"] == 30
     assert result["top1"] == pytest.approx((predicted[:30] == y[:30]).double().mean().item())
     multi_hot = torch.zeros(40, 10)
     multi_hot[torch.arange(40), y] = 1
     multi_hot[torch.arange(40), (y + 1) % 10] = 1  # a second label per image
     hits = (predicted == y) | (predicted == (y + 1) % 10)
-    assert evaluate_top1(trained, [(x, multi_hot)])["top1"] == pytest.approx(hits.double().mean().item())
+    assert evaluate_top1(trained, [(x, multi_hot)])["prec@1"] == pytest.approx(hits.double().mean().item())
 
 
 def test_fewshot_config_is_validated():

@@ -211,12 +211,15 @@ def test_metrics_config_is_validated_with_the_key_and_fix():
 TWO_RANKS = textwrap.dedent("""
     import os, sys, time
     import torch.distributed as dist
+    import torch
+    from vitscale.engine.distributed import Communicator
     from vitscale.metrics import MetricsConfig, TrainingMetrics
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
     cfg = MetricsConfig(port=int(sys.argv[3]), file_sd_dir=sys.argv[4])
     metrics = TrainingMetrics(cfg, rank=rank, local_rank=rank, world_size=2, job_id="77",
-                              model_name="Ti/16", run_dir="runs/two")
+                              model_name="Ti/16", run_dir="runs/two",
+                              gather_objects=Communicator(torch.device("cpu"), 2, distributed=True).all_gather_object)
     metrics.record_step(1, 3.0 + rank, 1e-3, 1.0, 8, 8 * 65, 0.5, 0.01, None)
     dist.barrier()
     if rank == 0:

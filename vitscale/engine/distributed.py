@@ -101,6 +101,16 @@ class Communicator:
         if self.distributed:
             self._all_reduce(torch.zeros(1, device=self.device), "sum").tolist()
 
+    def all_gather_object(self, value) -> list:
+        """Every rank's `value` (picklable), indexed by rank."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, value)
+        return every
+
     def broadcast_object(self, value, src: int = 0):
         """`value` of rank `src` on every rank (plain Python objects: paths, verdict texts)."""
         if not self.distributed:

@@ -50,7 +50,7 @@ def evaluate_top1(model: torch.nn.Module, batches, *, device: torch.device | str
     hits, count, loss_sum = reduce(list(totals), "sum") if reduce is not None else totals.tolist()
     if count == 0:
         raise DataError("top-1 evaluation read no images (empty shards?); check data.eval_shards")
-    return {"prec@1" if multi_label else "top1": hits / count, "loss": loss_sum / count, "samples": count}
+    return {"prec@1" if multi_label else "top1": hits / count, "loss": loss_sum / count, "samples": int(count)}
 
 
 def batch_counts(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

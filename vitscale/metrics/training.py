@@ -47,7 +47,10 @@ class TrainingMetrics:
     """Prometheus metrics for one rank; every method is safe to call on every rank."""
 
     def __init__(self, metrics_cfg: MetricsConfig, *, rank: int, local_rank: int, world_size: int,
-                 job_id: str, model_name: str, run_dir: str | Path):
+                 job_id: str, model_name: str, run_dir: str | Path, gather_objects=None):
+        # gather_objects(value) -> every rank's value (the engine's comm.all_gather_object);
+        # None: no process group, so rank 0 can list only its own node's ranks.
+        self._gather_objects = gather_objects
         self.config = metrics_cfg
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.job_id, self.model_name, self.run_dir = str(job_id or ""), model_name, Path(run_dir)
@@ -153,17 +156,14 @@ class TrainingMetrics:
         mine = file_sd.format_target(host, self.port) if self.port else None
         if self.world_size == 1:
             return [mine]
-        dist = _initialised_torch_distributed()
-        if dist is None:
+        if self._gather_objects is None:
             # No process group: only this node's ranks can be known (same host, port + local rank).
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
             if local_world < self.world_size and self.rank == 0:
-                log.warning("metrics: torch.distributed not initialised; file_sd lists only rank 0's node")
+                log.warning("metrics: no process group to gather over; file_sd lists only rank 0's node")
             return [file_sd.format_target(host, self.config.port + lr) if self.port else None
                     for lr in range(local_world)]
-        gathered: list[str | None] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        return gathered
+        return list(self._gather_objects(mine))
 
     def _publish_targets(self) -> None:
         if self.config.port == 0:
@@ -289,13 +289,6 @@ class TrainingMetrics:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _initialised_torch_distributed():
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return None
-    return torch.distributed
 
 
 def _initialised_cuda():
