@@ -41,7 +41,7 @@ from vitscale.config import Config, add_config_arguments, load_config, save_conf
 from vitscale.engine import Engine, Launch, build_engine, set_learning_rate, start_process_group
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine import faults
-from vitscale.engine.distributed import collective_errors, stop_process_group
+from vitscale.engine.distributed import is_collective_failure, stop_process_group
 from vitscale.engine.ds_config import deepspeed_config, read_ds_json, resolve_zero_stage
 from vitscale.engine.optim import learning_rate
 from vitscale.errors import CheckpointError, ConfigError, VitscaleError
@@ -577,8 +577,10 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
     except VitscaleError as error:
         _print_error(error, launch)
         code = error.exit_code
-    except collective_errors() as error:
-        print(f"vitscale: rank {launch.rank}: a collective failed or timed out (engine.collective_timeout_seconds="
+    except Exception as error:  # noqa: BLE001 - only collective failures are handled here
+        if not is_collective_failure(error):
+            raise
+        print(f"vitscale: rank {launch.rank}: a collective timed out or failed (engine.collective_timeout_seconds="
               f"{config.engine.collective_timeout_seconds:g}): another rank hung or died "
               f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})",
               file=sys.stderr, flush=True)

@@ -86,11 +86,14 @@ class DeepSpeedEngine:
         _record_recovery_script_failures(self.engine)
         self.module, self.train_module = self.engine.module, self.engine
         self.base_optimizer = optimizer
-        self.param_groups = self.engine.optimizer.param_groups
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self._pending_skip: torch.Tensor | None = None
         self._decided: torch.Tensor | None = None
         _step_with_device_decision(optimizer, self._decide_skip)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.engine.optimizer.param_groups  # read through: loading replaces the list
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed holds the module in the training precision

@@ -122,13 +122,23 @@ class Communicator:
         return box[0]
 
 
-# The typed errors a failed collective raises (a peer died, hung past the timeout, or the
-# store went away); the job maps them to exit code 4.
-def collective_errors() -> tuple[type[BaseException], ...]:
+def is_collective_failure(error: BaseException) -> bool:
+    """A peer died, hung past the timeout, or the store went away: torch's typed errors, or
+    (gloo raises a plain RuntimeError) an error raised from inside a c10d collective call."""
     import torch.distributed as dist
 
-    return tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
-                 if hasattr(dist, name))
+    typed = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError",
+                                                   "DistStoreError") if hasattr(dist, name))
+    if isinstance(error, typed):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith(os.path.join("distributed", "distributed_c10d.py")):
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def accelerator_device(local_rank: int) -> torch.device:

@@ -38,11 +38,14 @@ class TorchEngine:
         self.module = self.prepare_module(model.to(self.device), config)
         self.train_module = self.module
         self.optimizer = build_optimizer(config.optim, self.module)
-        self.param_groups = self.optimizer.param_groups
         self.input_dtype = torch.float32  # autocast / the mixed-precision policy casts inside
 
     def prepare_module(self, model: nn.Module, config) -> nn.Module:
         return model
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups  # read through: loading a state dict replaces the list
 
     def autocast(self):
         if self.precision == "bf16":

@@ -52,6 +52,8 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     torch's GradScaler uses) and decide inside the kernel, so the host never waits for the
     device; other optimizers read the flag (one sync)."""
     if optimizer.defaults.get("fused"):
+        if isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("momentum"):
+            _zero_momentum_buffers(optimizer)
         optimizer.found_inf = skip.to(torch.float32).reshape(())
         optimizer.grad_scale = None
         optimizer.step()
@@ -63,10 +65,13 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
 def _zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
     """Fused SGD allocates its momentum buffer uninitialised on the first step; a first step
     skipped through found_inf would leave that garbage in place. A zero buffer gives the same
-    first update (0.9 * 0 + g = g) and survives a skip."""
+    first update (0.9 * 0 + g = g) and survives a skip. Made for the parameters of the groups
+    being stepped (under ZeRO: its flat fp32 partitions)."""
     for group in optimizer.param_groups:
         for param in group["params"]:
-            optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param, memory_format=torch.preserve_format))
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def build_optimizer(optim_config: Any, model: nn.Module) -> torch.optim.Optimizer:
@@ -87,11 +92,8 @@ def build_base_optimizer(name: str, optim_config: Any, groups: list[dict[str, An
                                  eps=optim_config.eps, weight_decay=optim_config.weight_decay, fused=fused)
     assert name == "sgd", name  # the config's Literal admits nothing else
     # The fine-tuning recipe uses no weight decay; groups still honour optim.weight_decay if set.
-    optimizer = torch.optim.SGD(groups, lr=optim_config.lr, momentum=optim_config.momentum,
-                                weight_decay=optim_config.weight_decay, fused=fused)
-    if fused and optim_config.momentum:
-        _zero_momentum_buffers(optimizer)
-    return optimizer
+    return torch.optim.SGD(groups, lr=optim_config.lr, momentum=optim_config.momentum,
+                           weight_decay=optim_config.weight_decay, fused=fused)
 
 
 def learning_rate(step: int, config: Any) -> float:
