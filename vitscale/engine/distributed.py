@@ -80,9 +80,8 @@ class Communicator:
         return self._all_reduce(self.stack(values), op).tolist()
 
     def device_any(self, flag: torch.Tensor) -> torch.Tensor:
-        """True on every rank if `flag` is true on any rank; a bool scalar on the flag's device."""
-        reduced = self._all_reduce(flag.detach().reshape(()).to(self.device, torch.float32), "max")
-        return (reduced > 0).to(flag.device)
+        """True on every rank if `flag` is true on any rank; a bool scalar on the control device."""
+        return self._all_reduce(flag.detach().reshape(()).to(self.device, torch.float32), "max") > 0
 
     def all_gather(self, values: Sequence[float]) -> list[list[float]]:
         """Every rank's `values`, indexed by rank (rank times for the straggler view)."""

@@ -11,12 +11,16 @@ state. Optimizer state is fp32 and copied, never recomputed: resharding is exact
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 DCP_DIR = "dcp"
+# DCP warns that it "assumes" one process when no process group exists: for the local engine,
+# export and fine-tuning that is the intent.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def is_dcp_checkpoint(directory: Path) -> bool:
