@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.utils.checkpoint
 from einops import repeat
 from torch import nn
 
@@ -53,8 +52,6 @@ class VisionTransformer(nn.Module):
                                          config.mlp_activation) \
             if config.classifier == "map" else None
         self.pre_logits, self.head = self._build_head(width)
-        # Activation checkpointing is applied by the engine; the model only knows the flag.
-        self.checkpoint_blocks = False
         self.reset_parameters()
 
     @property
@@ -86,10 +83,27 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    # Entry points: forward (logits), forward_representation (few-shot), forward_features
+    # (masked patch prediction). They call the private bodies below, never each other, so an
+    # engine may wrap each entry point (FSDP2 gathers the root's parameters around it) unnested.
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self._represent(images))
+
+    def forward_representation(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen representation used for few-shot evaluation: pooled (and pre-logits)."""
+        return self._represent(images)
+
     def forward_features(self, images: torch.Tensor, patch_transform=None) -> torch.Tensor:
         """Images -> all output tokens after the final norm: (B, extra + N, D).
         `patch_transform` maps the patch embeddings (B, N, D) before the [class] token and position
         embeddings are added (masked patch prediction corrupts them there)."""
+        return self._encode(images, patch_transform)
+
+    def _represent(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pre_logits(self.pool_features(self._encode(images)))
+
+    def _encode(self, images: torch.Tensor, patch_transform=None) -> torch.Tensor:
         x = self.patch_embed(images)
         if patch_transform is not None:
             x = patch_transform(x)
@@ -98,10 +112,7 @@ class VisionTransformer(nn.Module):
         x = self.dropout(self.pos_embed(x))
         for index, block in enumerate(self.blocks):
             bias = self.relative_bias[index]() if self.relative_bias is not None else None
-            if self.checkpoint_blocks and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, bias, use_reentrant=False)
-            else:
-                x = block(x, bias)
+            x = block(x, bias)
         return self.norm(x)
 
     def pool_features(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,13 +122,6 @@ class VisionTransformer(nn.Module):
         if self.config.classifier == "gap":
             return tokens[:, self.extra_tokens:].mean(dim=1)
         return self.pool(tokens)
-
-    def forward_representation(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen representation used for few-shot evaluation: pooled (and pre-logits)."""
-        return self.pre_logits(self.pool_features(self.forward_features(images)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_representation(images))
 
     # -----------------------------------------------------------------------------------------
     def resample_position_embeddings(self, new_image_size: int) -> None:
