@@ -158,14 +158,21 @@ class DeepSpeedEngine:
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        # Per-element optimizer state (AdamW: exp_avg, exp_avg_sq; SGD: momentum_buffer), as the
+        # base optimizer holds it for its flat partitions; the same keys on every rank.
+        keys = sorted({key for state in self.base_optimizer.state.values() for key, value in state.items()
+                       if torch.is_tensor(value) and value.dim() > 0})
+        zero = self.engine.optimizer
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 link each parameter to its optimizer-state fragments once, after the first
+            # step of group 0, when the other groups' states do not exist yet: link them again.
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
         full = {}
         for name, param in self.module.named_parameters():
             entry = {"fp32": safe_get_full_fp32_param(param).detach().cpu().clone()}
-            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-                with contextlib.suppress(KeyError, AttributeError, TypeError, AssertionError):
-                    value = safe_get_full_optimizer_state(param, key)
-                    if value is not None:
-                        entry[key] = value.detach().cpu().clone()
+            for key in keys:  # collectives: every rank asks for the same tensors in the same order
+                entry[key] = safe_get_full_optimizer_state(param, key).detach().cpu().clone()
             full[name] = entry
         step = self._optimizer_step_count()
         for entry in full.values():
