@@ -154,6 +154,12 @@ class DeepSpeedEngine:
                                                     load_lr_scheduler_states=False)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no engine state in {path}")
+        # ZeRO-3's universal load gives every sub-group's state the same `step` tensor; the fused
+        # kernel increments each in place, so a shared one would count every step once per
+        # sub-group (wrong bias correction). One tensor each:
+        for state in self.base_optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
