@@ -1,13 +1,16 @@
-"""The main job: WebDataset shards -> ViT -> DeepSpeed ZeRO, with checkpoints, evaluation and faults.
+"""The main job: WebDataset shards -> ViT -> an engine (DeepSpeed ZeRO, FSDP2 or local), with
+checkpoints, evaluation and faults.
 
     deepspeed vitscale/train.py --ds_config configs/zero2.json --config configs/vit_b16_i21k.yaml
     torchrun --nproc_per_node 8 vitscale/train.py --ds_config configs/zero2.json --config ... KEY=VALUE
+    torchrun --nproc_per_node 8 vitscale/train.py --config ... engine.kind=fsdp2
     vitscale train --config configs/vit_b16_i21k_tiny.yaml data.train_shards=DIR   (one process)
 
 Everything a user can get wrong (config, DeepSpeed JSON, batch sizes, shards, the checkpoint to
-resume) is checked in `prepare` before any process group starts. The loop is in small pieces:
-build_model, build_dataloader, build_engine, train_step, evaluate, save_checkpoint,
-load_checkpoint. Exit codes: see vitscale/engine/faults.py (0 done, 2 bad input, 3 too many
+resume) is checked in `prepare` before any process group starts. Top to bottom: pre-flight,
+building blocks (model, data, evaluators), the loop (train_step, train), evaluation,
+checkpoints, entry points. The loop talks to the engine only through vitscale/engine/base.py's
+protocol and to other ranks only through `engine.comm`. Exit codes: see vitscale/engine/faults.py (0 done, 2 bad input, 3 too many
 non-finite steps, 4 hang, 5 final checkpoint failed, 75 stopped on a signal after saving).
 """
 

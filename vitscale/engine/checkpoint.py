@@ -1,9 +1,10 @@
-"""Atomic, resumable checkpoints of a DeepSpeed engine plus everything needed to resume exactly.
+"""Atomic, resumable checkpoints: the engine's state plus everything needed to resume exactly.
 
     RUN_DIR/checkpoints/step_00001000/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's engine state
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   engine.kind=deepspeed
+        dcp/                           engine.kind=fsdp2 | local (torch Distributed Checkpoint)
         rank_00000.pt ...              per rank: data loader position and every RNG state
-        trainer.json                   step, skip counters, world size
+        trainer.json                   step, skip counters, world size, engine kind, ZeRO stage
         config.yaml                    the resolved config tree
         COMPLETE                       written by rank 0 only after every rank finished writing
 
@@ -188,30 +189,6 @@ def torch_load_weights_only():
         yield
     finally:
         torch.load = original
-
-
-def build_checkpoint_engine(config_params: Any = None):
-    """A DeepSpeed checkpoint engine that writes atomically and loads with weights_only.
-
-    A failed write (full disk) is recorded in `.failure` instead of raised, so the rank stays in
-    step with DeepSpeed's barriers; `save_checkpoint` then decides with every rank."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeCheckpointEngine(TorchCheckpointEngine):
-        failure: str | None = None
-
-        def save(self, state_dict, path):
-            if self.failure is not None:
-                return
-            try:
-                torch_save_atomic(state_dict, Path(path))
-            except OSError as error:
-                self.failure = f"{Path(path).name}: {error.strerror or error}"
-
-        def load(self, path, map_location=None):
-            return safe_torch_load(path, map_location=map_location)
-
-    return SafeCheckpointEngine(config_params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ class DeepSpeedEngine:
             if "not supported on your device" not in str(error):
                 raise
             raise ConfigError("engine.precision", f"{self.precision}: {error}", "use bf16 or fp32 here") from None
-        self.engine.checkpoint_engine = ckpt.build_checkpoint_engine(self.engine._config)
+        self.engine.checkpoint_engine = build_checkpoint_engine(self.engine._config)
         _record_recovery_script_failures(self.engine)
         self.module, self.train_module = self.engine.module, self.engine
         self.base_optimizer = optimizer
@@ -222,6 +222,32 @@ def _convert_to_universal(path: Path) -> str | None:
         text = str(error).strip().splitlines()
         return text[0][:300] if text else type(error).__name__
     return None
+
+
+def build_checkpoint_engine(config_params: Any = None):
+    """A DeepSpeed checkpoint engine that writes atomically and loads with weights_only.
+
+    A failed write (full disk) is recorded in `.failure` instead of raised, so the rank stays in
+    step with DeepSpeed's barriers; `save_checkpoint` then decides with every rank."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from vitscale.engine.checkpoint import safe_torch_load, torch_save_atomic
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        failure: str | None = None
+
+        def save(self, state_dict, path):
+            if self.failure is not None:
+                return
+            try:
+                torch_save_atomic(state_dict, Path(path))
+            except (OSError, RuntimeError) as error:  # torch.save reports ENOSPC as RuntimeError
+                self.failure = f"{Path(path).name}: {getattr(error, 'strerror', None) or error}"
+
+        def load(self, path, map_location=None):
+            return safe_torch_load(path, map_location=map_location)
+
+    return SafeCheckpointEngine(config_params)
 
 
 def _step_with_device_decision(optimizer: torch.optim.Optimizer, decide) -> None:
