@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# launch/local_cpu.sh --config configs/demo.yaml data.train_shards=DIR/train-{000000..000011}.tar
+# launch/local_cpu.sh --config configs/demo.yaml 'data.train_shards=DIR/train-{000000..000011}.tar'
 #
 # The main job on this machine's CPU: 2 processes (VITSCALE_NPROC to change), gloo collectives,
 # DeepSpeed ZeRO-2 from configs/zero2.json unless the arguments name another --ds_config.

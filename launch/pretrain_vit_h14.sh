@@ -12,9 +12,9 @@
 #     sbatch --nodes=16 --time=72:00:00 --partition=gpu --account=me launch/pretrain_vit_h14.sh
 #   a CPU-only try (what tests/test_slurm.py runs), no file edited:
 #     VITSCALE_CONFIG=configs/vit_h14_jft_tiny.yaml VITSCALE_PROCS_PER_NODE=2 sbatch --nodes=1 \
-#       --gpus-per-node=0 --cpus-per-task=2 --time=10 launch/pretrain_vit_h14.sh data.train_shards=DIR/train-{000000..000003}.tar data.eval_shards=
+#       --gpus-per-node=0 --cpus-per-task=2 --time=10 launch/pretrain_vit_h14.sh 'data.train_shards=DIR/train-{000000..000003}.tar' data.eval_shards=
 #   arguments are dotted config overrides for vitscale/train.py:
-#     sbatch launch/pretrain_vit_h14.sh data.train_shards=/data/jft/train-{000000..099999}.tar optim.lr=3e-4
+#     sbatch launch/pretrain_vit_h14.sh 'data.train_shards=/data/jft/train-{000000..099999}.tar' optim.lr=3e-4
 #   environment variables (exported at submission; Slurm passes them to the job):
 #     VITSCALE_CONFIG             config file (default configs/vit_h14_jft.yaml)
 #     VITSCALE_OVERRIDES          more overrides, whitespace-separated (never shell-evaluated)

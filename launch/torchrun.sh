@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# launch/torchrun.sh --config configs/vit_b16_i21k.yaml data.train_shards=/data/i21k/train-{000000..004095}.tar
+# launch/torchrun.sh --config configs/vit_b16_i21k.yaml 'data.train_shards=/data/i21k/train-{000000..004095}.tar
 #
-# One node, any number of GPUs: torchrun starts one training process (vitscale/train.py) per GPU,
+#' One node, any number of GPUs: torchrun starts one training process (vitscale/train.py) per GPU,
 # or VITSCALE_NPROC_PER_NODE CPU processes (gloo) on a machine without GPUs. Arguments go to
 # vitscale/train.py unchanged (--config, --ds_config, dotted KEY=VALUE overrides).
 # launch/pretrain_vit_h14.sh runs this script once per node under srun for multi-node jobs.

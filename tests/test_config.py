@@ -89,3 +89,34 @@ def test_cli_prints_one_line_not_a_traceback(args):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vitscale config: error: config"), result.stderr
+
+
+def test_a_key_given_twice_is_one_line_naming_both_values_and_the_quoting_fix():
+    from vitscale.errors import ConfigError
+
+    expanded = [f"data.train_shards=/data/train-{index:06d}.tar" for index in range(4)]  # what bash makes of {..}
+    with pytest.raises(ConfigError) as error:
+        load_config(None, expanded)
+    message = str(error.value)
+    assert "data.train_shards: is given 4 times" in message and "'/data/train-000000.tar'" in message
+    assert "the shell expanded a brace pattern" in message and "quote it" in message and "\n" not in message
+    with pytest.raises(ConfigError, match=r"optim.lr: is given 2 times .*'1e-3', then '3e-4'"):
+        load_config(None, ["optim.lr=1e-3", "model.name=B/16", "optim.lr=3e-4"])
+
+
+def test_no_usage_line_in_the_repository_leaves_a_shard_pattern_to_the_shell():
+    """An unquoted data.train_shards=.../train-{000000..004095}.tar in a command line becomes
+    4,096 overrides of one key. Every usage line (scripts, configs, docs) quotes its patterns."""
+    import re
+
+    from test_engine_support import REPO
+
+    unquoted = re.compile(r"(?<!['\"])\b[a-z_]+\.[a-z_]+=[^\s'\"]*\{\d+\.\.\d+\}")
+    offenders = []
+    for path in [*REPO.glob("*.md"), REPO / "Makefile", *(REPO / "launch").rglob("*"), *(REPO / "configs").rglob("*"),
+                 *(REPO / "vitscale").rglob("*.py"), *(REPO / "scripts").rglob("*"), *(REPO / "docker").rglob("*")]:
+        if path.is_file():
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if unquoted.search(line):
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

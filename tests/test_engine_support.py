@@ -47,11 +47,19 @@ def free_port() -> int:
 
 
 def tiny_args(run_dir: Path, shards: tuple[str, str], *extra: str, eval_shards: bool = False) -> list[str]:
-    args = ["--config", str(REPO / "configs" / "demo.yaml"), *TINY, f"data.train_shards={shards[0]}",
-            f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
+    """The tiny job's arguments; an override in `extra` replaces the default of the same key (the
+    command line refuses a key given twice)."""
+    overrides = [*TINY, f"data.train_shards={shards[0]}", f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
     if eval_shards:
-        args.append(f"data.eval_shards={shards[1]}")
-    return args + list(extra)
+        overrides.append(f"data.eval_shards={shards[1]}")
+    return ["--config", str(REPO / "configs" / "demo.yaml"), *merge_overrides(overrides, extra)]
+
+
+def merge_overrides(base, extra) -> list[str]:
+    """KEY=VALUE items of `base`, each replaced by the same key's item in `extra`; other items of
+    `extra` (new keys, flags such as --ds_config PATH) follow in order."""
+    keys = {item.split("=", 1)[0] for item in extra if "=" in item and not item.startswith("-")}
+    return [item for item in base if item.split("=", 1)[0] not in keys] + list(extra)
 
 
 class Ranks:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,9 +84,27 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Build and validate the tree: defaults <- YAML file (and its bases) <- `key=value` overrides."""
     raw: dict[str, Any] = read_yaml_tree(Path(path)) if path else {}
+    check_repeated_keys(overrides)
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw).validate()
+
+
+def check_repeated_keys(overrides: typing.Sequence[str]) -> None:
+    """A key given twice is an error, not "the last one wins": the usual cause is an unquoted
+    shard pattern that the shell expanded into one override per shard."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, _, value = (item[2:] if item.startswith("--") else item).partition("=")
+        if key not in seen:
+            seen[key] = value
+            continue
+        count = sum(1 for other in overrides if other.lstrip("-").partition("=")[0] == key)
+        expanded = re.sub(r"\d+", "#", value) == re.sub(r"\d+", "#", seen[key]) and re.search(r"[A-Za-z/]", value)
+        hint = (f"the shell expanded a brace pattern into {count} values: quote it, e.g. "
+                f"'{key}=/data/train-{{000000..000099}}.tar'") if expanded else \
+            "give it once; quote values that contain spaces, braces or wildcards"
+        raise ConfigError(key, f"is given {count} times on the command line ({seen[key]!r}, then {value!r})", hint)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
