@@ -33,6 +33,12 @@
 # Pre-emption: --signal=B:USR1@300 makes Slurm signal this script 5 minutes before the time
 # limit; it forwards SIGUSR1 to every training process, which checkpoint at the next step and
 # requeue the job (`scontrol requeue`). `scancel --signal=USR1 --batch JOBID` does the same by hand.
+# Plain `scancel JOBID`, the time limit itself and SIGTERM pre-emption: every rank saves the same
+# step and the job ends (rerun or requeue it to resume). Slurm kills what is left KillWait seconds
+# after that SIGTERM (`scontrol show config | grep KillWait`, default 30): one training step plus
+# one checkpoint must fit in it; the ranks warn in the log when they do not (VITSCALE_GRACE_SECONDS
+# is taken from KillWait). A signal that arrives during start-up is kept and acted on at the
+# first step boundary.
 #
 #SBATCH --job-name=vit_h14_jft
 #SBATCH --nodes=4
@@ -47,6 +53,10 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
+# Stop signals from the first line on: kept until srun runs, then forwarded (see forward below).
+pending=""
+trap 'pending+=" USR1"' USR1
+trap 'pending+=" TERM"' TERM
 
 die() {
   echo "pretrain_vit_h14.sh: $*" >&2
@@ -107,6 +117,13 @@ export MASTER_ADDR=$master_addr MASTER_PORT=$master_port
 # cut the other nodes, one of which may still be saving or requeueing the job.
 export VITSCALE_STOPPED_EXIT_CODE=0
 
+# The grace period a SIGTERM leaves (Slurm's KillWait): the ranks warn when step + save exceed it.
+if [ -z "${VITSCALE_GRACE_SECONDS:-}" ]; then
+  kill_wait=$(scontrol show config 2>/dev/null | sed -n 's/^KillWait *= *\([0-9][0-9]*\) sec.*/\1/p' | head -n 1) \
+    || kill_wait=""
+  if [ -n "$kill_wait" ]; then export VITSCALE_GRACE_SECONDS=$kill_wait; fi
+fi
+
 printf 'pretrain_vit_h14.sh: job %s restart %s: %s node(s) x %s process(es) (%s GPU(s)/node), rendezvous %s, logs %s\n' \
   "$job_id" "$restart" "$nodes" "$procs" "$gpus" "$VITSCALE_RDZV_ENDPOINT" "$log_dir"
 printf 'pretrain_vit_h14.sh: train.py'
@@ -117,17 +134,22 @@ printf '\n'
 srun_args=(--nodes "$nodes" --ntasks "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_args+=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
 srun_pid=""
-stop_forwarded=0
 forward() {
-  # srun relays the signal to its task on every node: launch/torchrun.sh, which signals the ranks.
-  echo "pretrain_vit_h14.sh: SIG$1 received: forwarding to the training processes" >&2
-  stop_forwarded=1
-  [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null || true
+  # srun relays the signal to its task on every node: launch/torchrun.sh, which signals the ranks
+  # (and holds it until they can take it). Before srun has started, the signal waits here.
+  [ -n "$srun_pid" ] && [ -n "$pending" ] || return 0
+  local signal
+  for signal in $pending; do
+    echo "pretrain_vit_h14.sh: SIG$signal received: forwarding to the training processes" >&2
+    kill -s "$signal" "$srun_pid" 2>/dev/null || true
+  done
+  pending=""
 }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+trap 'pending+=" USR1"; forward' USR1
+trap 'pending+=" TERM"; forward' TERM
 srun "${srun_args[@]}" "$repo/launch/torchrun.sh" "${train_args[@]}" &
 srun_pid=$!
+forward
 
 # `wait` returns early whenever a trapped signal arrives; keep waiting until srun is gone.
 while kill -0 "$srun_pid" 2>/dev/null; do
@@ -139,7 +161,9 @@ wait "$srun_pid" || status=$?
 if [ -n "${VITSCALE_PROMETHEUS_TARGETS:-}" ]; then
   rm -f -- "$VITSCALE_PROMETHEUS_TARGETS/vitscale_${job_id}_"*.json
 fi
-if [ "$status" = 0 ] && [ "$stop_forwarded" = 1 ]; then
+# Stopped on request after saving (a rank's own exit code 75, recorded per node by torchrun.sh),
+# not merely signalled: a signal that came after the last step leaves a finished run finished.
+if [ "$status" = 0 ] && grep -qsx 75 "$log_dir"/exit_codes/*/rank* ; then
   status=75  # vitscale/engine/faults.py EXIT_STOPPED: saved; a requeued job resumes from it
 fi
 echo "pretrain_vit_h14.sh: training exited with status $status"

@@ -15,26 +15,62 @@
 #   VITSCALE_PYTHON          interpreter (default: the repository's .venv, else python3)
 #   VITSCALE_STOPPED_EXIT_CODE  exit status when the ranks stopped on request after saving (75)
 #
-# SIGUSR1 and SIGTERM sent to this script go to every training process, which agree on a step,
-# save a checkpoint and exit 75 (SIGUSR1 also requeues the Slurm job). torchrun itself is not
-# signalled: it would stop the workers before they save. Each rank runs under this script's
+# SIGUSR1 and SIGTERM sent to this script (or by Slurm to every process of the step: scancel, the
+# time limit) go to every training process, which agree on a step, save a checkpoint and exit 75
+# (SIGUSR1 also requeues the Slurm job); a signal that comes during start-up is held until the
+# ranks can take it. torchrun itself ignores both: it would stop the workers before they save. Each rank runs under this script's
 # --rank mode, which relays signals and reports 75 to torchrun as success, because torchrun
 # SIGTERMs every other rank as soon as one exits non-zero: a peer still saving or requeueing.
 set -euo pipefail
 
 EXIT_STOPPED=75  # vitscale/engine/faults.py: stopped on request after saving a checkpoint
 
+catches_stop_signals() {
+  # True once process $1 has handlers for SIGUSR1 (10) and SIGTERM (15): /proc's SigCgt mask.
+  local key value mask=""
+  [ -r "/proc/$1/status" ] || return 1
+  while read -r key value; do
+    if [ "$key" = "SigCgt:" ]; then mask=$value; fi
+  done <"/proc/$1/status" 2>/dev/null
+  [[ $mask =~ ^[0-9a-fA-F]+$ ]] || return 1
+  (( (16#$mask >> 9) & 1 && (16#$mask >> 14) & 1 ))
+}
+
+remove_target_file() {
+  # Rank 0 notes its Prometheus file_sd target file in VITSCALE_TARGET_RECORD; it goes when the
+  # job does, however the training process ended (a killed rank 0 cannot remove it itself).
+  local target
+  [ -n "${VITSCALE_TARGET_RECORD:-}" ] && [ -f "$VITSCALE_TARGET_RECORD" ] || return 0
+  target=$(<"$VITSCALE_TARGET_RECORD")
+  [[ $target == *.json ]] && rm -f -- "$target"
+  rm -f -- "$VITSCALE_TARGET_RECORD"
+}
+
 run_rank() {
-  # torchrun's worker: `torchrun.sh --rank PYTHON train.py ARGS...`.
-  local child="" code=0
-  trap '[ -n "$child" ] && kill -s USR1 "$child" 2>/dev/null || true' USR1
-  trap '[ -n "$child" ] && kill -s TERM "$child" 2>/dev/null || true' TERM
-  "$@" &
+  # torchrun's worker: `torchrun.sh --rank PYTHON train.py ARGS...`. The training process starts
+  # with SIGUSR1/SIGTERM ignored and installs its handlers at its first line; a signal that comes
+  # before that is held here and delivered once the process catches it, so none is lost or fatal.
+  local child="" code=0 pending=""
+  deliver() {
+    [ -n "$child" ] && [ -n "$pending" ] && catches_stop_signals "$child" || return 0
+    local signal
+    for signal in $pending; do kill -s "$signal" "$child" 2>/dev/null || true; done
+    pending=""
+  }
+  trap 'pending+=" USR1"; deliver' USR1
+  trap 'pending+=" TERM"; deliver' TERM
+  ( trap '' USR1 TERM; exec "$@" ) &
   child=$!
   while kill -0 "$child" 2>/dev/null; do
-    wait "$child" || true
+    if [ -n "$pending" ]; then
+      deliver
+      sleep 0.1
+    else
+      wait "$child" || true
+    fi
   done
   wait "$child" || code=$?
+  remove_target_file
   if [ -n "${VITSCALE_RANK_STATUS_DIR:-}" ] && [[ ${RANK:-0} =~ ^[0-9]+$ ]]; then
     echo "$code" >"$VITSCALE_RANK_STATUS_DIR/rank${RANK:-0}"
   fi
@@ -106,13 +142,17 @@ require_whole_number VITSCALE_NPROC_PER_NODE "$nproc"
 require_whole_number VITSCALE_NNODES "$nnodes"
 [ "$nproc" -ge 1 ] || die "VITSCALE_NPROC_PER_NODE must be at least 1"
 
-# torchrun, made deaf to SIGUSR1: Slurm signals every process of a job step, and torchrun would
-# die of it (default action) before its workers save. Its children get the default back on exec.
-torchrun_ignoring_usr1='import runpy, signal, sys
-signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+# torchrun, made deaf to SIGUSR1 and SIGTERM: Slurm signals every process of a job step (scancel,
+# the time limit, pre-emption), and torchrun would die of USR1 or, on TERM, stop its workers
+# before they save. The workers get each signal themselves (and through this script); torchrun
+# ends when they do. Its children get the default handlers back on exec.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+torchrun_deaf_to_stops='import runpy, signal, sys
+for stop in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(stop, lambda signum, frame: None)
 sys.argv[0] = "torchrun"
 runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)'
-launcher=("$python" -c "$torchrun_ignoring_usr1" --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts 0)
+launcher=("$python" -c "$torchrun_deaf_to_stops" --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts 0)
 if [ -n "${VITSCALE_RDZV_ENDPOINT:-}" ]; then
   [[ $VITSCALE_RDZV_ENDPOINT =~ ^[A-Za-z0-9._-]+:[0-9]+$ ]] \
     || die "VITSCALE_RDZV_ENDPOINT must be host:port, got '$VITSCALE_RDZV_ENDPOINT'"
@@ -135,30 +175,47 @@ if [ -n "${VITSCALE_LOG_DIR:-}" ]; then
   VITSCALE_RANK_STATUS_DIR=$VITSCALE_LOG_DIR/exit_codes/$(hostname)
   mkdir -p -- "$VITSCALE_RANK_STATUS_DIR"
   rm -f -- "$VITSCALE_RANK_STATUS_DIR"/rank*
+  trap 'remove_target_file' EXIT
 else
   VITSCALE_RANK_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vitscale-ranks.XXXXXX")
-  trap 'rm -rf -- "$VITSCALE_RANK_STATUS_DIR"' EXIT
+  trap 'remove_target_file; rm -rf -- "$VITSCALE_RANK_STATUS_DIR"' EXIT
 fi
-export VITSCALE_RANK_STATUS_DIR
+export VITSCALE_RANK_STATUS_DIR VITSCALE_TARGET_RECORD=$VITSCALE_RANK_STATUS_DIR/target_file
 
 echo "launch/torchrun.sh: $(hostname): $nproc process(es) x $nnodes node(s), $( [ "$gpus" = 0 ] && echo CPU || echo "$gpus GPU(s)" )"
 torchrun_pid=""
+pending=""
 forward_to_workers() {
-  local signal=$1 pids
-  [ -n "$torchrun_pid" ] || return 0
-  pids=$(child_pids "$torchrun_pid")  # the --rank wrappers; they relay to the ranks
-  echo "launch/torchrun.sh: SIG$signal -> training processes" >&2
-  # shellcheck disable=SC2086  # PIDs from /proc: digits only
-  [ -n "$pids" ] && kill -s "$signal" $pids 2>/dev/null || true
+  # To the --rank wrappers (they relay to the ranks) once all of them are up and trapping; until
+  # then the signal waits here (one that came before torchrun started its workers included).
+  local signal pid pids count=0
+  [ -n "$pending" ] && [ -n "$torchrun_pid" ] || return 0
+  pids=$(child_pids "$torchrun_pid")
+  for pid in $pids; do
+    catches_stop_signals "$pid" || return 0
+    count=$((count + 1))
+  done
+  [ "$count" = "$nproc" ] || return 0
+  for signal in $pending; do
+    echo "launch/torchrun.sh: SIG$signal -> training processes" >&2
+    # shellcheck disable=SC2086  # PIDs from /proc: digits only
+    kill -s "$signal" $pids 2>/dev/null || true
+  done
+  pending=""
 }
-trap 'forward_to_workers USR1' USR1
-trap 'forward_to_workers TERM' TERM
+trap 'pending+=" USR1"; forward_to_workers' USR1
+trap 'pending+=" TERM"; forward_to_workers' TERM
 "${launcher[@]}" --no-python "$repo/launch/torchrun.sh" --rank "$python" "$repo/vitscale/train.py" "$@" &
 torchrun_pid=$!
 
 # `wait` returns early whenever a trapped signal arrives; keep waiting until torchrun is gone.
 while kill -0 "$torchrun_pid" 2>/dev/null; do
-  wait "$torchrun_pid" || true
+  if [ -n "$pending" ]; then
+    forward_to_workers
+    sleep 0.1
+  else
+    wait "$torchrun_pid" || true
+  fi
 done
 status=0
 wait "$torchrun_pid" || status=$?

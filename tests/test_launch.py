@@ -141,18 +141,25 @@ if sys.argv[1] == "-c" and "torch.distributed.run" in sys.argv[2]:
     ranks = [subprocess.Popen(command, env=dict(os.environ, RANK=str(r))) for r in range(2)]
     sys.exit(0 if all(rank.wait() == 0 for rank in ranks) else 1)
 rank = os.environ["RANK"]
+time.sleep(float(os.environ.get("HANDLER_DELAY", "0")))  # like torch's import before train.py's handlers
 def report(signum, frame):
     with open(os.environ["RECORD_TO"], "a") as out:
         out.write(f"rank {{rank}} got {{signal.Signals(signum).name}}\\n")
     sys.exit(int(os.environ["RANK_EXIT"].split(",")[int(rank)]))
 signal.signal(signal.SIGUSR1, report)
+signal.signal(signal.SIGTERM, report)
+if rank == "0" and os.environ.get("TARGET_DIR"):  # rank 0 publishes its Prometheus targets, then dies
+    target = os.path.join(os.environ["TARGET_DIR"], "vitscale_local_run.json")
+    open(target, "w").write("[]")
+    open(os.environ["VITSCALE_TARGET_RECORD"], "w").write(target)
+    os.kill(os.getpid(), signal.SIGKILL)
 open(os.environ["RECORD_TO"] + ".ready" + rank, "w").close()
 time.sleep(30)
 sys.exit(1)
 """
 
 
-def run_with_usr1(tmp_path, rank_exit: str, **env_extra) -> tuple[int, list[str]]:
+def run_with_usr1(tmp_path, rank_exit: str, *, early: bool = False, **env_extra) -> tuple[int, list[str]]:
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
     fake.chmod(0o755)
@@ -162,8 +169,11 @@ def run_with_usr1(tmp_path, rank_exit: str, **env_extra) -> tuple[int, list[str]
     launcher = subprocess.Popen(["bash", str(TORCHRUN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
-        while not all(Path(f"{record}.ready{r}").exists() for r in "01") and time.monotonic() < deadline:
+        while not early and not all(Path(f"{record}.ready{r}").exists() for r in "01") \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
+        if early:
+            time.sleep(0.3)  # the launcher traps by now; torchrun and the ranks are still starting
         launcher.send_signal(signal.SIGUSR1)
         code = launcher.wait(timeout=20)
     finally:
@@ -177,6 +187,31 @@ def test_torchrun_forwards_usr1_to_every_rank_and_reports_the_stop(tmp_path):
     code, signals = run_with_usr1(tmp_path, rank_exit="75,75")
     assert signals == ["rank 0 got SIGUSR1", "rank 1 got SIGUSR1"]
     assert code == 75  # the engine's "stopped after saving", not torchrun's generic failure
+
+
+def test_a_signal_during_start_up_is_held_until_the_ranks_can_take_it(tmp_path):
+    """USR1 before torchrun has started the ranks, and before the ranks have their handlers (they
+    start with it ignored): nothing dies of it and every rank gets it once it can act on it."""
+    code, signals = run_with_usr1(tmp_path, rank_exit="75,75", early=True, HANDLER_DELAY="1.5")
+    assert signals == ["rank 0 got SIGUSR1", "rank 1 got SIGUSR1"]
+    assert code == 75
+
+
+def test_a_killed_rank_0_leaves_no_prometheus_target_file(tmp_path):
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    fake.chmod(0o755)
+    env = clean_env(VITSCALE_PYTHON=str(fake), RECORD_TO=str(tmp_path / "signals.txt"), VITSCALE_NPROC_PER_NODE="2",
+                    RANK_EXIT="0,0", TARGET_DIR=str(targets))
+    launcher = subprocess.Popen(["bash", str(TORCHRUN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not Path(f"{tmp_path / 'signals.txt'}.ready1").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # rank 1 stops; rank 0 was killed long before
+    assert launcher.wait(timeout=20) != 0
+    assert list(targets.iterdir()) == []
 
 
 def test_torchrun_reports_a_ranks_failure_code(tmp_path):

@@ -70,7 +70,8 @@ def test_step_metrics_follow_prometheus_conventions_and_values(metrics_factory):
                         step_seconds=0.25, data_wait_seconds=0.3, mfu=None)
     samples = scrape(metrics.port)
     run = {"job_id": "4242", "rank": "0", "model": "H/14"}
-    assert value(samples, "vitscale_train_steps_total", **run) == 8  # counter = current step
+    assert value(samples, "vitscale_train_steps_total", **run) == 2  # steps this process trained
+    assert value(samples, "vitscale_train_step", **run) == 8         # where the run is
     assert value(samples, "vitscale_train_samples_total", **run) == 64
     assert value(samples, "vitscale_train_tokens_total", **run) == 64 * 257
     assert value(samples, "vitscale_train_loss", **run) == 2.0
@@ -96,11 +97,16 @@ def test_step_metrics_follow_prometheus_conventions_and_values(metrics_factory):
     assert not any(name.endswith("_created") for name in samples)
 
 
-def test_resume_starts_the_step_counter_at_the_resumed_step(metrics_factory):
+def test_after_a_resume_the_counter_counts_trained_steps_and_the_gauge_the_position(metrics_factory):
+    """A job resumed at step 1000 that trains steps 1001 and 1002: increase() over the job must
+    be 2 (a counter set to the current step would jump by 1,002 and make rate() nonsense)."""
     metrics = metrics_factory(port=0)
     metrics.record_step(1001, 1.0, 1e-4, 1.0, 8, 8, 0.1, 0.0, None)
+    metrics.record_step(1002, None, 1e-4, None, 8, 8, 0.1, 0.0, None)
     text = metrics.exposition()
-    assert 'vitscale_train_steps_total{job_id="4242",model="H/14",rank="0"} 1001.0' in text
+    assert 'vitscale_train_steps_total{job_id="4242",model="H/14",rank="0"} 2.0' in text
+    assert 'vitscale_train_step{job_id="4242",model="H/14",rank="0"} 1002.0' in text
+    assert 'vitscale_train_loss{job_id="4242",model="H/14",rank="0"} 1.0' in text  # None keeps the last
 
 
 def test_skipped_nan_checkpoint_eval_and_memory(metrics_factory):

@@ -85,5 +85,40 @@ def test_missing_or_empty_log_is_one_clear_line(tmp_path, capsys, content):
     assert len(err.splitlines()) == 1 and err.startswith("vitscale report: error:") and "log.jsonl" in err
 
 
-def test_moving_average_skips_missing_values():
-    assert moving_average([1.0, math.nan, 3.0, 5.0], 2) == [1.0, 1.0, 2.0, 4.0]
+def test_moving_average_skips_missing_values_and_spans_steps_not_points():
+    assert moving_average([1, 2, 3, 4], [1.0, math.nan, 3.0, 5.0], 2) == [1.0, 1.0, 3.0, 4.0]
+    # Logged every 10 steps, a 20-step window holds two points, not twenty.
+    assert moving_average([10, 20, 30, 40], [4.0, 2.0, 6.0, 8.0], 20) == [4.0, 3.0, 4.0, 7.0]
+
+
+def test_checkpoint_resume_and_skip_records_leave_no_hole_in_the_curves(tmp_path, capsys):
+    """The records the loop writes beside a step's training record (checkpoint at every 5th step,
+    a resume at 10, a skipped step's record, few-shot and top-1 evaluations of one step) must not
+    replace it; the eval figure shows accuracies only, on their own axis."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = []
+    for step in range(1, 21):
+        lines.append({"step": step, "loss": 3.0 - step / 10, "lr": 1e-3, "grad_norm": 1.0,
+                      "images_per_second": 50.0, "tokens_per_second": 50.0 * 65, "mfu": None, "elapsed_seconds": step})
+        if step % 5 == 0:
+            lines.append({"step": step, "checkpoint": f"ckpt/step_{step:08d}", "checkpoint_ok": True,
+                          "checkpoint_seconds": 0.1})
+        if step == 10:
+            lines.append({"step": 10, "resumed_from": "ckpt/step_00000010"})
+            lines.append({"step": 10, "eval": {"top1": 0.5, "loss": 1.5, "samples": 360}})
+            lines.append({"step": 10, "eval": {"fewshot_5shot": 0.7}})
+    lines.append({"step": 20, "nonfinite_skip": True, "nonfinite_total": 1})
+    (run_dir / "log.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    log = load_run_log(run_dir / "log.jsonl")
+    assert log.steps == list(range(1, 21))
+    loss = plot_loss(log, window=20).axes[0].lines[0].get_ydata()
+    np.testing.assert_allclose(loss, 3.0 - np.arange(1, 21) / 10)  # no NaN at 5, 10, 15, 20
+    from vitscale.metrics.report import plot_eval
+
+    eval_axis = plot_eval(log).axes[0]
+    assert sorted(line.get_label() for line in eval_axis.lines) == ["fewshot_5shot", "top1"]
+    assert eval_axis.get_ylim() == (0.0, 1.0)
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "final loss 1 at step 20" in out and "nan" not in out

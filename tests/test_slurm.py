@@ -32,14 +32,16 @@ def slurm():
         yield cluster
 
 
-def submit_tiny_job(slurm, tmp_path, job_name: str, hostile_value: str) -> str:
-    shards = write_tiny_jft_shards(tmp_path / "shards")
+def submit_tiny_job(slurm, tmp_path, job_name: str, hostile_value: str = "localhost", *, steps: int = STEPS,
+                    time_limit: str = "10") -> str:
+    shards = tmp_path / "shards"
+    shards = write_tiny_jft_shards(shards) if not shards.exists() else str(shards / "train-{000000..000003}.tar")
     env = {"VITSCALE_CONFIG": TINY_CONFIG, "VITSCALE_PROCS_PER_NODE": "2",
            "VITSCALE_OUTPUT_DIR": str(tmp_path / "runs"), "VITSCALE_LOG_DIR": str(tmp_path / "logs"),
            "VITSCALE_PYTHON": sys.executable, "VITSCALE_METRICS_PORT": str(free_port(2))}
-    sbatch_options = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+    sbatch_options = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--time={time_limit}",
                       f"--output={tmp_path}/slurm-%j.out", f"--job-name={job_name}"]
-    overrides = tiny_overrides(shards, tmp_path / "runs", STEPS, **{"metrics.advertise_host": hostile_value})
+    overrides = tiny_overrides(shards, tmp_path / "runs", steps, **{"metrics.advertise_host": hostile_value})
     overrides = [item for item in overrides if not item.startswith(("run.output_dir=", "metrics.port="))]
     return slurm.sbatch([*sbatch_options, "launch/pretrain_vit_h14.sh", *overrides], env=env, cwd=REPO)
 
@@ -102,6 +104,75 @@ def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(slurm, tmp_path)
     assert not canary.exists()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["metrics"]["advertise_host"] == hostile_value
+
+
+def wait_for_steps(slurm, job: str, run_dir: Path, count: int, diagnostics) -> None:
+    deadline = time.monotonic() + 180
+    while len(read_log(run_dir)) < count:
+        info = slurm.job(job)
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{diagnostics()}"
+        assert time.monotonic() < deadline, f"no training steps logged\n{diagnostics()}"
+        time.sleep(0.3)
+
+
+def rank_saves(checkpoint: Path) -> list[str]:
+    return sorted(p.name for p in checkpoint.glob("rank_*.pt"))
+
+
+@pytest.mark.parametrize("how", ["scancel", "time limit"])
+def test_sigterm_from_scancel_or_the_time_limit_saves_every_rank_then_a_rerun_resumes(slurm, tmp_path, how):
+    """Plain `scancel JOB` and the job's time limit both SIGTERM every process of the job (torchrun,
+    the ranks, their DataLoader workers) and SIGKILL them KillWait (30 s) later: every rank saves
+    the same step in that grace period, and the next submission resumes there."""
+    steps = 100_000  # never reached: the stop ends the first job
+    job = submit_tiny_job(slurm, tmp_path, "vit_term", steps=steps, time_limit="1" if how == "time limit" else "10")
+    run_dir = tmp_path / "runs" / "vit_h14_jft_tiny"
+    output = tmp_path / f"slurm-{job}.out"
+
+    def diagnostics() -> str:
+        return (output.read_text()[-4000:] if output.exists() else "(no job output)") + "\n" + slurm.logs()
+
+    wait_for_steps(slurm, job, run_dir, 3, diagnostics)
+    if how == "scancel":
+        slurm.command("scancel", job)
+    info = slurm.wait_until_finished(job, timeout=240)
+    assert info["JobState"] == ("CANCELLED" if how == "scancel" else "TIMEOUT"), f"{info}\n{diagnostics()}"
+    checkpoint = latest_complete(run_dir)
+    assert checkpoint is not None, diagnostics()
+    assert rank_saves(checkpoint) == ["rank_00000.pt", "rank_00001.pt"]
+    stopped_at = int(checkpoint.name.split("_")[-1])
+    assert max(line["step"] for line in read_log(run_dir)) == stopped_at
+    exit_codes = sorted((tmp_path / "logs" / "restart0" / "exit_codes").glob("*/rank*"))
+    assert [p.read_text().strip() for p in exit_codes] == ["75", "75"], diagnostics()  # saved, then stopped
+    assert "DataLoader worker" not in diagnostics()
+
+    rerun = submit_tiny_job(slurm, tmp_path, "vit_term", steps=stopped_at + 5)
+    info = slurm.wait_until_finished(rerun, timeout=240)
+    assert info["JobState"] == "COMPLETED", info
+    assert f"resumed from {checkpoint} at step {stopped_at}" in (tmp_path / f"slurm-{rerun}.out").read_text()
+    assert [line["step"] for line in read_log(run_dir)] == list(range(1, stopped_at + 6))
+
+
+def test_usr1_one_second_after_the_start_kills_no_rank_and_requeues(slurm, tmp_path):
+    """The pre-emption warning while the job is still starting (Python, torch and DeepSpeed not
+    yet loaded): kept by the batch script, torchrun.sh and the ranks until they can act on it,
+    then a checkpoint at the first step boundary and a requeue."""
+    job = submit_tiny_job(slurm, tmp_path, "vit_early", steps=100_000)
+    run_dir = tmp_path / "runs" / "vit_h14_jft_tiny"
+    output = tmp_path / f"slurm-{job}.out"
+    slurm.wait_for(job, lambda info: info.get("JobState") == "RUNNING", 120, "running")
+    time.sleep(1)
+    slurm.command("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait_for(job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 180,
+                          "requeued")
+    text = output.read_text()
+    checkpoint = latest_complete(run_dir)
+    assert checkpoint is not None and rank_saves(checkpoint) == ["rank_00000.pt", "rank_00001.pt"], text
+    exit_codes = sorted((tmp_path / "logs" / "restart0" / "exit_codes").glob("*/rank*"))
+    assert [p.read_text().strip() for p in exit_codes] == ["75", "75"], text  # no rank died of the signal
+    assert "SIGUSR1 (pre-emption warning) received" in text and "requeued Slurm job" in text
+    slurm.command("scancel", job)
+    slurm.wait_until_finished(job, timeout=60)
 
 
 def test_no_job_process_outlives_its_job(slurm):

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
+            if name == "train":
+                from vitscale.signals import install_early
+
+                install_early()  # before the heavy imports (vitscale/signals.py)
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
             sub.set_defaults(_run=module.run)

@@ -24,6 +24,10 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     # ... would shadow top-level modules of the same name.
     sys.path.pop(0)
 
+from vitscale import signals
+
+signals.install_early()  # before torch/DeepSpeed load: a SIGTERM/SIGUSR1 from now on is kept
+
 import argparse
 import json
 import math
@@ -223,6 +227,8 @@ class Trainer:
     state: TrainerState = field(default_factory=TrainerState)
     batches: Iterator | None = None
     log_file: Any = None
+    last_step_seconds: float = 0.0
+    grace_warned: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -324,6 +330,7 @@ def train(t: Trainer) -> int:
         step_seconds = time.perf_counter() - started
         state.step += 1
         state.elapsed_seconds += step_seconds
+        t.last_step_seconds = step_seconds
         t.watchdog.beat()
         window_steps += 1
         if result.skipped and result.loss_scale_skip and config.engine.precision == "fp16":
@@ -465,10 +472,24 @@ def save_checkpoint(t: Trainer) -> bool:
            "checkpoint_seconds": seconds})
     if ok:
         t.say(f"step {t.state.step}: saved {path} in {seconds:.1f} s")
+        warn_if_stop_cannot_fit(t, seconds)
     else:
         t.say(f"step {t.state.step}: checkpoint FAILED (see the rank errors above); the latest complete "
               f"checkpoint is still {ckpt.latest_complete(t.run_dir)}")
     return ok
+
+
+def warn_if_stop_cannot_fit(t: Trainer, save_seconds: float) -> None:
+    """A SIGTERM leaves VITSCALE_GRACE_SECONDS (Slurm's KillWait, set by the sbatch script) to
+    finish the step and save; say so once when a step plus a save take longer."""
+    grace = os.environ.get("VITSCALE_GRACE_SECONDS", "")
+    needed = t.last_step_seconds + save_seconds
+    if t.grace_warned or not grace.replace(".", "", 1).isdigit() or needed <= float(grace):
+        return
+    t.grace_warned = True
+    t.say(f"warning: a step ({t.last_step_seconds:.1f} s) plus a checkpoint ({save_seconds:.1f} s) take longer than "
+          f"the {float(grace):g} s a SIGTERM leaves (Slurm KillWait): a stop on SIGTERM would be killed before it "
+          "saves; use --signal=B:USR1@SECONDS (an earlier warning) or ask for a longer KillWait")
 
 
 def finish_checkpoint(t: Trainer, path: Path, ok: bool) -> bool:
@@ -549,7 +570,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
     """Process group up, train, and always tear down (metrics flushed, group destroyed)."""
     config, launch = prepared.config, prepared.launch
     faults.set_context(rank=launch.rank)
-    stops = faults.StopRequests().install()
+    stops = signals.install_early()
     watchdog = faults.Watchdog(config.engine.watchdog_seconds, launch.rank).start()
     metrics, trainer, code = None, None, faults.EXIT_FAILED
     try:

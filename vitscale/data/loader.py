@@ -31,6 +31,7 @@ from vitscale.data.decode import Augment, LabelSpec, SampleError, decode_target,
 from vitscale.data.mixing import mix_batch
 from vitscale.data.shards import ShardProblem, expand_shards, iter_shard, shard_sample_counts
 from vitscale.errors import ConfigError, DataError
+from vitscale.signals import ignore_in_worker
 
 STATE_VERSION = 1
 
@@ -304,7 +305,7 @@ class _RankLoader:
         stream = self.stream.configure(self.epoch, self.history, self.batches_done)
         kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, **kwargs)
+                            pin_memory=self.pin_memory, worker_init_fn=ignore_in_worker, **kwargs)
         for payload in loader:
             if isinstance(payload, dict):
                 raise DataError(payload["error"])

@@ -1,8 +1,9 @@
 """Surviving a cluster: stop requests, requeueing, hangs, and test-only fault injection.
 
-- `StopRequests` turns SIGTERM (stop) and SIGUSR1 (Slurm's pre-emption warning: stop and
-  requeue) into a flag; the loop all-reduces it at every step boundary, so a signal that reached
-  one rank makes every rank save the same step and exit.
+- `StopRequests` (vitscale/signals.py, installed at the process's first line) turns SIGTERM
+  (stop) and SIGUSR1 (Slurm's pre-emption warning: stop and requeue) into a flag; the loop
+  all-reduces it at every step boundary, so a signal that reached one rank makes every rank save
+  the same step and exit.
 - `requeue_slurm_job()` runs `scontrol requeue <SLURM_JOB_ID>`, the id checked to be digits.
 - `Watchdog` dumps every thread's stack and exits with EXIT_HUNG when no step finished for
   too long (a rank stuck in a collective whose timeout did not fire, a dead filesystem, ...).
@@ -32,25 +33,7 @@ EXIT_HUNG = 4                 # watchdog or collective timeout
 EXIT_CHECKPOINT_FAILED = 5    # the final / on-demand checkpoint could not be written
 EXIT_STOPPED = 75             # stopped on request after saving (EX_TEMPFAIL: run again to resume)
 
-STOP_NONE, STOP_TERM, STOP_REQUEUE = 0, 1, 2
-
-
-class StopRequests:
-    """Signal handlers that only record the request; the loop acts at a step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = STOP_NONE
-        self.signal_name = ""
-
-    def install(self) -> "StopRequests":
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGUSR1, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        kind = STOP_REQUEUE if signum == signal.SIGUSR1 else STOP_TERM
-        self.requested = max(self.requested, kind)
-        self.signal_name = signal.Signals(signum).name
+from vitscale.signals import STOP_NONE, STOP_REQUEUE, STOP_TERM, StopRequests  # noqa: F401  (re-exported)
 
 
 def requeue_slurm_job(environ: dict[str, str] | None = None) -> bool:

@@ -53,9 +53,11 @@ def load_run_log(path: str | Path) -> RunLog:
             bad += 1  # e.g. the half-written last line of a killed run
             continue
         if isinstance(entry.get("eval"), dict):
-            evals[step] = entry["eval"]
-        else:
+            evals.setdefault(step, {}).update(entry["eval"])  # top-1 and few-shot of one step
+        elif "loss" in entry:
             train[step] = entry  # later lines (a resumed run) replace earlier ones
+        # checkpoint, resume and skip records share the step number of a training record; they
+        # never replace it
     if not train:
         raise RunLogError(f"{path} holds no training steps yet (rank 0 writes one every run.log_every steps)")
     log = RunLog(steps=sorted(train), bad_lines=bad)
@@ -73,14 +75,15 @@ def _number(value) -> float:
         return math.nan
 
 
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Trailing mean over the last `window` finite values (NaNs skipped)."""
+def moving_average(steps: list[int], values: list[float], window: int) -> list[float]:
+    """Trailing mean of the finite values logged within the last `window` steps (not the last
+    `window` logged points: with run.log_every=50, 20 points would span 1,000 steps)."""
     out, recent = [], []
-    for value in values:
+    for step, value in zip(steps, values):
         if not math.isnan(value):
-            recent.append(value)
-            recent = recent[-window:]
-        out.append(sum(recent) / len(recent) if recent else math.nan)
+            recent.append((step, value))
+        recent = [(s, v) for s, v in recent if s > step - window]
+        out.append(sum(v for _, v in recent) / len(recent) if recent else math.nan)
     return out
 
 
@@ -105,8 +108,8 @@ def _figure(title: str, ylabel: str):
 def plot_loss(log: RunLog, window: int):
     fig, ax = _figure("Training loss", "loss")
     ax.plot(log.steps, log.series["loss"], color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax.plot(log.steps, moving_average(log.series["loss"], window), color="tab:blue", linewidth=2,
-            label=f"mean of last {window}")
+    ax.plot(log.steps, moving_average(log.steps, log.series["loss"], window), color="tab:blue", linewidth=2,
+            label=f"mean over the last {window} steps")
     for name, values in log.evals.items():
         if name.endswith("loss"):
             ax.plot(log.eval_steps, values, "o-", color="tab:red", label=f"eval {name}")
@@ -140,10 +143,19 @@ def plot_mfu(log: RunLog):
     return fig
 
 
+# Evaluation values that are fractions (accuracies); losses go on the loss figure, and counts
+# (samples) on none: they would flatten every accuracy curve.
+def accuracy_names(log: RunLog) -> list[str]:
+    return [name for name in log.evals if name not in ("samples", "images") and not name.endswith("loss")]
+
+
 def plot_eval(log: RunLog):
-    fig, ax = _figure("Evaluation", "value")
-    for name, values in log.evals.items():
-        ax.plot(log.eval_steps, values, "o-", label=name)
+    fig, ax = _figure("Evaluation", "accuracy")
+    for name in accuracy_names(log):
+        values = log.evals[name]
+        ax.plot([s for s, v in zip(log.eval_steps, values) if not math.isnan(v)],
+                [v for v in values if not math.isnan(v)], "o-", label=name)
+    ax.set_ylim(0, 1)
     ax.legend()
     return fig
 
@@ -156,7 +168,7 @@ def write_report(log: RunLog, output: Path, window: int = 20) -> list[Path]:
     figures = {"loss": plot_loss(log, window), "lr": plot_lr(log), "throughput": plot_throughput(log)}
     if log.has("mfu"):  # CPU runs log null: no peak FLOP/s to divide by
         figures["mfu"] = plot_mfu(log)
-    if log.evals:
+    if accuracy_names(log):
         figures["eval"] = plot_eval(log)
     written = []
     for name, fig in figures.items():
@@ -167,10 +179,13 @@ def write_report(log: RunLog, output: Path, window: int = 20) -> list[Path]:
     return written
 
 
-def summary(log: RunLog) -> str:
-    last = len(log.steps) - 1
-    parts = [f"steps {log.steps[0]}..{log.steps[-1]} ({len(log.steps)} logged)",
-             f"final loss {log.series['loss'][last]:.4g}"]
+def summary(log: RunLog, window: int = 20) -> str:
+    losses = [(s, v) for s, v in zip(log.steps, log.series["loss"]) if not math.isnan(v)]
+    parts = [f"steps {log.steps[0]}..{log.steps[-1]} ({len(log.steps)} logged)"]
+    if losses:
+        recent = [v for s, v in losses if s > losses[-1][0] - window]
+        parts.append(f"final loss {losses[-1][1]:.4g} at step {losses[-1][0]} "
+                     f"(mean {sum(recent) / len(recent):.4g} over its last {window} steps)")
     throughput = [v for v in log.series["images_per_second"] if not math.isnan(v)]
     if throughput:
         parts.append(f"median {sorted(throughput)[len(throughput) // 2]:.1f} images/s")
@@ -192,7 +207,7 @@ def run(args) -> int:
     run_dir = Path(args.run_dir)
     log = load_run_log(run_dir / "log.jsonl")
     written = write_report(log, Path(args.output) if args.output else run_dir / "report", args.window)
-    print(summary(log))
+    print(summary(log, args.window))
     if log.bad_lines:
         print(f"skipped {log.bad_lines} unreadable line(s) of log.jsonl")
     for path in written:

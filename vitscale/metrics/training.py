@@ -61,7 +61,6 @@ class TrainingMetrics:
         self._cuda = _initialised_cuda()
         if self._cuda is None:  # CPU run: /proc is read when scraped, not on every step
             self._with(self.device_memory, kind="resident").set_function(_resident_bytes)
-        self._last_step = 0
         self._skipped_totals: dict[str, int] = {}
         self._server = None
         self._closed = False
@@ -85,7 +84,10 @@ class TrainingMetrics:
 
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, fds
         self.run_info = Info("vitscale_run", "Run identity", RUN_LABELS, registry=self.registry)
-        self.steps = counter("vitscale_train_steps", "Optimizer steps completed (the current step)")
+        # A true counter (steps this process trained: rate()/increase() stay right across resumes)
+        # and the run's position as a gauge.
+        self.steps = counter("vitscale_train_steps", "Optimizer steps trained by this process")
+        self.current_step = gauge("vitscale_train_step", "The run's current optimizer step (resumes continue it)")
         self.samples = counter("vitscale_train_samples", "Training samples (images) processed by this rank")
         self.tokens = counter("vitscale_train_tokens", "Tokens (patches + extra tokens) processed by this rank")
         self.loss = gauge("vitscale_train_loss", "Training loss of the last step")
@@ -191,6 +193,12 @@ class TrainingMetrics:
             return
         self.target_file = path
         log.info("metrics: wrote Prometheus targets for %d ranks to %s", len(live), path)
+        record = os.environ.get("VITSCALE_TARGET_RECORD")
+        if record:  # the launcher removes the file on every exit path, kill -9 included
+            try:
+                Path(record).write_text(str(path.resolve()) + "\n")
+            except OSError as error:
+                log.warning("metrics: cannot note the target file in %s (%s)", record, error.strerror or error)
 
     # -----------------------------------------------------------------------------------------
     # Recording.
@@ -200,9 +208,8 @@ class TrainingMetrics:
         """One optimizer step; images/tokens were processed by this rank in this step. Loss and
         gradient norm come on logging steps only (reading them costs a host sync); None keeps
         the last value."""
-        if step > self._last_step:  # counter value = current step, also right after a resume
-            self._with(self.steps).inc(step - self._last_step)
-            self._last_step = step
+        self._with(self.steps).inc()
+        self._with(self.current_step).set(step)
         self._with(self.samples).inc(images)
         self._with(self.tokens).inc(tokens)
         if loss is not None:
