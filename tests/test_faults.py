@@ -141,9 +141,11 @@ def test_invalid_configs_fail_with_one_line(tmp_path, monkeypatch, engine_digits
     if ds_json is not None:
         ds_path = tmp_path / "ds.json"
         ds_path.write_text(json.dumps(ds_json))
-    shards = [f"data.train_shards={engine_digits[0]}"]
+    from test_engine_support import merge_overrides
+
     with pytest.raises(VitscaleError) as error:
-        prepare(tmp_path, monkeypatch, *shards, *overrides, ds_config=ds_path, world_size=world_size)
+        prepare(tmp_path, monkeypatch, *merge_overrides([f"data.train_shards={engine_digits[0]}"], overrides),
+                ds_config=ds_path, world_size=world_size)
     message = str(error.value)
     assert expected in message and "\n" not in message and "(" in message  # names the fix too
     import torch.distributed as dist

@@ -120,12 +120,15 @@ def run_engine(tmp_path, name, *overrides):
     shards = tmp_path / "digits"
     if not shards.exists():
         write_digits_shards(shards, image_size=32)
-    args = [sys.executable, "-m", "vitscale", "train", "--config", "configs/finetune_b16_384_tiny.yaml", *SHAPE,
-            f"data.train_shards={shards}/train-{{000000..000005}}.tar",
+    from test_engine_support import merge_overrides
+
+    base = [*SHAPE, f"data.train_shards={shards}/train-{{000000..000005}}.tar",
             f"data.eval_shards={shards}/eval-{{000000..000001}}.tar", "data.crop_scale=[0.6,1.0]", "data.hflip=false",
             "data.num_workers=1", "metrics.port=0", f"run.output_dir={tmp_path}", f"run.name={name}", "run.steps=30",
             "run.log_every=1", "engine.micro_batch_size=32", "engine.global_batch_size=32", "engine.eval_every=0",
-            "optim.lr=0.01", "model.image_size=32", *overrides]
+            "optim.lr=0.01", "model.image_size=32"]
+    args = [sys.executable, "-m", "vitscale", "train", "--config", "configs/finetune_b16_384_tiny.yaml",
+            *merge_overrides(base, overrides)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"})
@@ -155,7 +158,9 @@ def test_finetuning_at_new_resolution_improves_on_digits(tmp_path):
     assert state["pos_embed.weight"].shape == (1, 1 + 64, 48)
     assert state["head.weight"].shape == (10, 48) and not any(k.startswith("pre_logits") for k in state)
     # ... and is itself a starting point: on to 48 px from the checkpoint directory.
-    config = load_config(None, TINY + SHAPE + ["model.image_size=48", "model.head=finetune",
+    from test_engine_support import merge_overrides
+
+    config = load_config(None, merge_overrides(TINY, SHAPE) + ["model.image_size=48", "model.head=finetune",
                                                f"finetune.init_from={tmp_path / 'finetuned'}"])
     model = build_finetune_model(config)
     assert model.pos_embed.weight.shape == (1, 1 + 144, 48) and not model.head.weight.any()

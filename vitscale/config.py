@@ -100,7 +100,8 @@ def check_repeated_keys(overrides: typing.Sequence[str]) -> None:
             seen[key] = value
             continue
         count = sum(1 for other in overrides if other.lstrip("-").partition("=")[0] == key)
-        expanded = re.sub(r"\d+", "#", value) == re.sub(r"\d+", "#", seen[key]) and re.search(r"[A-Za-z/]", value)
+        expanded = value != seen[key] and re.sub(r"\d+", "#", value) == re.sub(r"\d+", "#", seen[key]) \
+            and re.search(r"[A-Za-z/]", value)
         hint = (f"the shell expanded a brace pattern into {count} values: quote it, e.g. "
                 f"'{key}=/data/train-{{000000..000099}}.tar'") if expanded else \
             "give it once; quote values that contain spaces, braces or wildcards"
