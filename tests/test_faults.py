@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from test_engine_support import (REPO, Ranks, engine_digits, free_port, module_state, read_log,  # noqa: F401
+from test_engine_support import (REPO, Ranks, engine_digits, free_port, module_state, read_log, run_job,  # noqa: F401
                                  tiny_args, wait_for)
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine import faults
@@ -84,6 +84,18 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_their_own_exit_code(tmp_pat
     last = ckpt.latest_complete(run_dir)
     assert last == ckpt.checkpoint_dir(run_dir, 2)
     assert json.loads((last / "trainer.json").read_text())["consecutive_nonfinite"] == 2
+
+
+def test_a_rank_slowed_in_its_forward_is_named_as_the_straggler(tmp_path, engine_digits):
+    """0.4 s more compute per step on rank 1: the step times of both ranks grow alike (rank 0 waits
+    in the gradient reduction), but the straggler view (own compute + data wait) names rank 1."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, engine_digits, "run.steps=6", "run.log_every=3")
+    job = run_job(args, tmp_path / "logs", env={"VITSCALE_INJECT_FAULT": "sleep@point=forward,rank=1,seconds=0.4"})
+    flagged = [r["straggler"] for r in read_log(run_dir) if "straggler" in r]
+    assert [f["rank"] for f in flagged] == [1, 1], job.output()
+    assert all(f["compute_seconds"] >= 0.4 and f["ratio"] > 1.5 for f in flagged)
+    assert "straggler: rank 1" in job.output(0) and "compute-bound" in job.output(0)
 
 
 def test_rank_asleep_in_a_collective_ends_the_job_quickly(tmp_path, engine_digits):

@@ -187,15 +187,17 @@ def test_job_id_cannot_escape_the_target_directory(tmp_path):
 def test_straggler_warning_names_the_slow_rank_and_its_cause(metrics_factory, caplog):
     metrics = metrics_factory(straggler_factor=1.5)
     with caplog.at_level(logging.WARNING, logger="vitscale.metrics"):
-        metrics.record_rank_times([1.0, 1.1, 0.9, 1.0], [0.05, 0.05, 0.05, 0.05])
+        metrics.record_rank_times([0.95, 1.05, 0.85, 0.95], [0.05, 0.05, 0.05, 0.05])
         assert caplog.text == ""  # all within 1.5x of the median
-        metrics.record_rank_times([1.0, 1.0, 1.0, 2.0], [0.05, 0.05, 0.05, 0.9])
+        metrics.record_rank_times([0.95, 0.95, 0.95, 1.1], [0.05, 0.05, 0.05, 0.9])
     assert "rank 3" in caplog.text and "2.00x" in caplog.text and "input-bound" in caplog.text
     samples = scrape(metrics.port)
-    assert value(samples, "vitscale_straggler_step_seconds", peer_rank="3") == 2.0
+    assert value(samples, "vitscale_straggler_compute_seconds", peer_rank="3") == 1.1
     assert value(samples, "vitscale_straggler_data_wait_seconds", peer_rank="3") == 0.9
-    assert value(samples, "vitscale_straggler_max_ratio") == 2.0
+    assert value(samples, "vitscale_straggler_max_ratio") == pytest.approx(2.0)
     assert value(samples, "vitscale_straggler_warnings_total") == 1
+    (slow,) = metrics.record_rank_times([0.2, 0.9], [0.01, 0.01])  # compute-bound, 2 ranks
+    assert slow.rank == 1 and not slow.input_bound and "compute-bound" in slow.message()
 
 
 def test_find_stragglers_uses_the_median_not_the_mean():

@@ -204,6 +204,56 @@ def build_evaluators(config: Config, launch: Launch) -> list[Any]:
 # The loop.
 
 
+class ForwardTimer:
+    """This rank's own compute per step for the straggler view: the training forwards, timed by
+    hooks on the model (no collective runs in them under ZeRO-0/1/2 and the local engine, so a
+    slow rank shows here instead of slowing every rank's step alike). On a GPU the hooks record
+    CUDA events, read only when the loop asks (logging steps)."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self.steps = 0.0, 0
+        self.events: list[tuple[Any, Any]] = []
+        self.started: Any = None
+        module.register_forward_pre_hook(self._begin)
+        module.register_forward_hook(self._end)
+
+    def _begin(self, module: nn.Module, args) -> None:
+        if not module.training:
+            return  # evaluation forwards are not training compute
+        self.started = self._now()
+        faults.maybe_inject("forward")  # test-only slowdown of one rank, inside the timed region
+
+    def _end(self, module: nn.Module, args, output) -> None:
+        if self.started is None:
+            return
+        if self.cuda:
+            self.events.append((self.started, self._now()))
+        else:
+            self.seconds += time.perf_counter() - self.started
+        self.started = None
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def take(self) -> float:
+        """Mean forward seconds per step since the last call."""
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
+            self.events = []
+        mean = self.seconds / max(self.steps, 1)
+        self.seconds, self.steps = 0.0, 0
+        return mean
+
+
 @dataclass
 class TrainerState:
     step: int = 0                  # optimizer steps completed
@@ -229,6 +279,8 @@ class Trainer:
     log_file: Any = None
     last_step_seconds: float = 0.0
     grace_warned: bool = False
+    forward_timer: ForwardTimer | None = None
+    window_data_wait: float = 0.0  # data-wait seconds since the last logging step
 
     @property
     def run_dir(self) -> Path:
@@ -331,6 +383,8 @@ def train(t: Trainer) -> int:
         state.step += 1
         state.elapsed_seconds += step_seconds
         t.last_step_seconds = step_seconds
+        t.window_data_wait += result.data_wait_seconds
+        t.forward_timer.step_done()
         t.watchdog.beat()
         window_steps += 1
         if result.skipped and result.loss_scale_skip and config.engine.precision == "fp16":
@@ -347,6 +401,7 @@ def train(t: Trainer) -> int:
         if logging_step:
             rate = config.engine.global_batch_size * window_steps / max(time.perf_counter() - window_started, 1e-9)
             log_progress(t, values, rate)
+            record_rank_times(t, window_steps)
             window_started, window_steps = time.perf_counter(), 0
         run_due_evaluations(t, at_end=False)
         if result.stop:
@@ -388,10 +443,21 @@ def record_step(t: Trainer, result: StepResult, values: dict[str, float] | None,
                           values["grad_norm"] if values else None, images, tokens, step_seconds,
                           result.data_wait_seconds, _mfu(t, images / max(step_seconds, 1e-9)))
     if values is not None:
-        every = t.engine.comm.all_gather([step_seconds, result.data_wait_seconds])
-        if t.is_main:
-            t.metrics.record_rank_times([rank[0] for rank in every], [rank[1] for rank in every])
         t.metrics.record_skipped_samples(t.loader.skipped_samples())
+
+
+def record_rank_times(t: Trainer, window_steps: int) -> None:
+    """Logging steps: every rank's own time per step (forward compute, data wait; means over the
+    window) to rank 0, which flags stragglers in its log and in Prometheus."""
+    compute, data_wait = t.forward_timer.take(), t.window_data_wait / max(window_steps, 1)
+    t.window_data_wait = 0.0
+    every = t.engine.comm.all_gather([compute, data_wait])
+    if t.is_main:
+        for straggler in t.metrics.record_rank_times([rank[0] for rank in every], [rank[1] for rank in every]):
+            t.say(f"step {t.state.step}: {straggler.message()}")
+            t.log({"step": t.state.step, "straggler": {"rank": straggler.rank, "ratio": straggler.ratio,
+                                                       "compute_seconds": straggler.compute_seconds,
+                                                       "data_wait_seconds": straggler.data_wait_seconds}})
 
 
 def _mfu(t: Trainer, images_per_second_per_rank: float) -> float | None:
@@ -590,7 +656,8 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
                                   world_size=launch.world_size, job_id=launch.job_id, model_name=config.model.name,
                                   run_dir=config.run.directory, gather_objects=comm.all_gather_object)
         trainer = Trainer(config, launch, engine, objective, build_backward(config), loader, metrics, stops,
-                          watchdog, evaluators=build_evaluators(config, launch))
+                          watchdog, evaluators=build_evaluators(config, launch),
+                          forward_timer=ForwardTimer(engine.module, engine.device))
         if launch.rank == 0:
             trainer.log_file = open(config.run.directory / "log.jsonl", "a")
         if prepared.resume_from is not None:

@@ -32,7 +32,7 @@ from prometheus_client.exposition import generate_latest, start_http_server
 
 from vitscale.metrics import file_sd
 from vitscale.metrics.config import MetricsConfig
-from vitscale.metrics.stragglers import find_stragglers
+from vitscale.metrics.stragglers import find_stragglers, own_times
 
 log = logging.getLogger("vitscale.metrics")
 disable_created_metrics()  # `_created` series double the count and no dashboard uses them
@@ -118,15 +118,16 @@ class TrainingMetrics:
         self.eval_result = gauge("vitscale_eval_result", "Last evaluation result, by metric", ("metric",))
         self.eval_step = gauge("vitscale_eval_step", "Step of the last evaluation")
         # Rank 0's view of all ranks, refreshed every run.log_every steps (straggler panel).
-        self.rank_step_seconds = gauge("vitscale_straggler_step_seconds",
-                                       "Last step time of each rank, as gathered by rank 0", ("peer_rank",))
+        self.rank_compute_seconds = gauge("vitscale_straggler_compute_seconds",
+                                          "Forward compute seconds per step of each rank (mean over the "
+                                          "logging window), as gathered by rank 0", ("peer_rank",))
         self.rank_data_wait_seconds = gauge("vitscale_straggler_data_wait_seconds",
-                                            "Last data-wait time of each rank, as gathered by rank 0",
-                                            ("peer_rank",))
+                                            "Data-wait seconds per step of each rank (mean over the logging "
+                                            "window), as gathered by rank 0", ("peer_rank",))
         self.straggler_ratio = gauge("vitscale_straggler_max_ratio",
-                                     "Slowest rank's step time divided by the median over ranks")
+                                     "Slowest rank's own time (compute + data wait) divided by the median")
         self.straggler_warnings = counter("vitscale_straggler_warnings",
-                                          "Rank step times that exceeded metrics.straggler_factor x median")
+                                          "Ranks whose own time exceeded metrics.straggler_factor x median")
         self.run_info.labels(**self._labels).info({
             "world_size": str(self.world_size), "local_rank": str(self.local_rank),
             "run": self.run_dir.name, "host": file_sd.socket.gethostname()})
@@ -251,19 +252,22 @@ class TrainingMetrics:
             else:
                 self._with(self.eval_result, metric=str(name)).set(float(value))
 
-    def record_rank_times(self, step_seconds: list[float], data_wait_seconds: list[float]) -> None:
-        """Rank 0, every run.log_every steps: one entry per rank; warns about stragglers."""
-        if self.rank != 0 or not step_seconds:
-            return
-        for peer, (seconds, wait) in enumerate(zip(step_seconds, data_wait_seconds)):
-            self._with(self.rank_step_seconds, peer_rank=str(peer)).set(seconds)
+    def record_rank_times(self, compute_seconds: list[float], data_wait_seconds: list[float]) -> list:
+        """Rank 0, every run.log_every steps: one entry per rank (its forward compute and data wait
+        per step); warns about stragglers and returns them."""
+        if self.rank != 0 or not compute_seconds:
+            return []
+        for peer, (seconds, wait) in enumerate(zip(compute_seconds, data_wait_seconds)):
+            self._with(self.rank_compute_seconds, peer_rank=str(peer)).set(seconds)
             self._with(self.rank_data_wait_seconds, peer_rank=str(peer)).set(wait)
-        stragglers = find_stragglers(list(step_seconds), list(data_wait_seconds), self.config.straggler_factor)
-        median = statistics.median(step_seconds)
-        self._with(self.straggler_ratio).set(max(step_seconds) / median if median > 0 else 0.0)
+        stragglers = find_stragglers(list(compute_seconds), list(data_wait_seconds), self.config.straggler_factor)
+        own = own_times(list(compute_seconds), list(data_wait_seconds))
+        median = statistics.median(own)
+        self._with(self.straggler_ratio).set(max(own) / median if median > 0 else 0.0)
         for straggler in stragglers:
             self._with(self.straggler_warnings).inc()
             log.warning(straggler.message())
+        return stragglers
 
     def _record_device_memory(self) -> None:
         cuda = self._cuda
