@@ -21,7 +21,7 @@
 #     VITSCALE_DS_CONFIG          DeepSpeed JSON passed as --ds_config (default: none, from the config tree)
 #     VITSCALE_GPUS_PER_NODE      default: the GPUs Slurm allocated; 0 runs CPU processes (gloo)
 #     VITSCALE_PROCS_PER_NODE     processes per node (default: one per GPU; 1 on CPU)
-#     VITSCALE_MASTER_PORT        rendezvous port on the first node (default 20000 + job id % 20000)
+#     VITSCALE_MASTER_PORT        rendezvous port on the first node (default 20000 + job id % 12000)
 #     VITSCALE_OUTPUT_DIR         run.output_dir (checkpoints, config, log.jsonl)
 #     VITSCALE_LOG_DIR            per-rank logs (default logs/<job id>); restart N goes to restartN/
 #     VITSCALE_METRICS_PORT       Prometheus /metrics base port (metrics.port; + local rank)
@@ -83,7 +83,8 @@ cd -- "$repo"
 nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 require_whole_number SLURM_JOB_NUM_NODES "$nodes"
 master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-master_port=${VITSCALE_MASTER_PORT:-$((20000 + job_id % 20000))}
+# Below Linux's ephemeral range (32768-60999): no outgoing connection can hold the port already.
+master_port=${VITSCALE_MASTER_PORT:-$((20000 + job_id % 12000))}
 require_whole_number VITSCALE_MASTER_PORT "$master_port"
 
 gpus=${VITSCALE_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}

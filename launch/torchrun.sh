@@ -164,7 +164,9 @@ else
 fi
 if [ -n "${VITSCALE_LOG_DIR:-}" ]; then
   mkdir -p -- "$VITSCALE_LOG_DIR"
-  launcher+=(--log-dir "$VITSCALE_LOG_DIR" --tee 3)
+  # Merged logs of several nodes need the host in the prefix: "[node07:12] ...", not "[default4]".
+  # shellcheck disable=SC2016  # torchrun fills in ${hostname} and ${rank} itself
+  launcher+=(--log-dir "$VITSCALE_LOG_DIR" --tee 3 --log-line-prefix-template '[${hostname}:${rank}] ')
 fi
 
 stopped_exit_code=${VITSCALE_STOPPED_EXIT_CODE:-$EXIT_STOPPED}

@@ -268,7 +268,7 @@ def test_pretrain_script_takes_every_value_from_env_and_args_verbatim(recorder, 
         f"metrics.file_sd_dir={tmp_path / 'targets'}",
     ] + [f"run.name={v}" for v in values]
     env = call["env"]
-    assert env["VITSCALE_RDZV_ENDPOINT"] == f"node-01:{20000 + 4711 % 20000}" and env["VITSCALE_RDZV_ID"] == "4711"
+    assert env["VITSCALE_RDZV_ENDPOINT"] == f"node-01:{20000 + 4711 % 12000}" and env["VITSCALE_RDZV_ID"] == "4711"
     assert env["VITSCALE_NPROC_PER_NODE"] == "2" and env["DS_ACCELERATOR"] == "cpu"
     assert env["VITSCALE_LOG_DIR"] == str(tmp_path / "logs" / "restart1")  # per restart, per rank inside
     srun_argv = (tmp_path / "srun_argv").read_bytes().split(b"\0")[:-1]

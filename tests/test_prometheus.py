@@ -145,3 +145,33 @@ def test_shipped_prometheus_config_and_rules_pass_promtool(prometheus):  # the f
     tested = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=config.parent,
                             capture_output=True, text=True, timeout=60)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+def test_steps_counter_increase_over_a_resumed_run_equals_the_steps_trained(prometheus, tmp_path):
+    """Two processes of one run: 0 -> 40, then resumed 40 -> 70. A real Prometheus' increase()
+    over both must count 70 steps (a counter set to the current step would report ~110). Each
+    process pauses 4 s before its first and its last step, so the 1 s scrapes see the counter
+    start at 0 and end near its final value; increase() then differs from 70 only by the last
+    unscraped step and Prometheus' extrapolation at the window's end (< 2 steps here)."""
+    shards = write_tiny_jft_shards(tmp_path / "shards")
+    metrics_port = free_port(2)
+    started = time.time()
+    for first, steps in ((1, 40), (41, 70)):
+        args = ["--config", TINY_CONFIG, *tiny_overrides(
+            shards, tmp_path / "runs", steps=steps, **{"metrics.port": str(metrics_port),
+                                                       "metrics.file_sd_dir": str(prometheus.targets_dir)})]
+        env = dict(os.environ, VITSCALE_NPROC_PER_NODE="2", VITSCALE_PYTHON=sys.executable,
+                   VITSCALE_INJECT_FAULT=f"sleep@point=step_start,step={first},seconds=4;"
+                                         f"sleep@point=step_start,step={steps},seconds=4")
+        env.pop("SLURM_JOB_ID", None)
+        done = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "at step 40" in done.stdout
+    window = int(time.time() - started) + 5
+    result = prometheus.query(f'increase(vitscale_train_steps_total{{job="vitscale",rank="0"}}[{window}s])')
+    assert len(result) == 1, result
+    increase = float(result[0]["value"][1])
+    assert 67 <= increase <= 72.5, increase
+    position = prometheus.query('max_over_time(vitscale_train_step{job="vitscale",rank="0"}[5m])')
+    assert 69 <= float(position[0]["value"][1]) <= 70
