@@ -174,3 +174,13 @@ def test_model_names_decode():
     assert parse_model_name("H/14") == ("H", 14)
     shape = load_config(None, ["model.name=H/14"]).model.shape()
     assert (shape.depth, shape.width, shape.heads, shape.head_dim, shape.num_patches + 1) == (32, 1280, 16, 80, 257)
+
+
+def test_the_model_label_is_the_name_only_when_the_shape_is_the_named_one():
+    from vitscale.model import ModelConfig
+
+    assert ModelConfig(name="H/14").label == "H/14"
+    assert ModelConfig(name="H/14", depth=32, heads=16).label == "H/14"  # the table's values, spelled out
+    assert ModelConfig(name="H/14", depth=2, width=160, mlp_dim=320, heads=2).label == \
+        "depth2-width160-mlp320-heads2/14"
+    assert ModelConfig(name="B/16", patch_size=32).label == "depth12-width768-mlp3072-heads12/32"

@@ -108,7 +108,7 @@ def test_prometheus_discovers_the_ranks_and_answers_loss_and_images_per_second(p
         # The values are the job's own: every rank reports the global mean loss rank 0 logs.
         logged_losses = {line["loss"] for line in read_log(run_dir)}
         for series in loss:
-            assert series["metric"]["model"] == "H/14"
+            assert series["metric"]["model"] == "depth2-width160-mlp320-heads2/14"  # not an H/14
             assert float(series["value"][1]) in logged_losses
         assert all(float(series["value"][1]) > 0 for series in throughput)
         # Every Grafana panel query is valid PromQL for this server; the core ones have both ranks.

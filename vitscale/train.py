@@ -653,7 +653,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
         from vitscale.metrics import TrainingMetrics
 
         metrics = TrainingMetrics(config.metrics, rank=launch.rank, local_rank=launch.local_rank,
-                                  world_size=launch.world_size, job_id=launch.job_id, model_name=config.model.name,
+                                  world_size=launch.world_size, job_id=launch.job_id, model_name=config.model.label,
                                   run_dir=config.run.directory, gather_objects=comm.all_gather_object)
         trainer = Trainer(config, launch, engine, objective, build_backward(config), loader, metrics, stops,
                           watchdog, evaluators=build_evaluators(config, launch),

@@ -102,6 +102,17 @@ class ModelConfig:
                               "set it to 0 (the paper uses none) or use sdpa/math")
         self.shape()
 
+    @property
+    def label(self) -> str:
+        """The model's name where it is true, e.g. "H/14"; derived from the shape when explicit
+        depth/width/mlp_dim/heads/patch_size overrides change the named size ("H/14" with depth 2
+        is not an H/14): "depth2-width160-mlp320-heads2/14". Metrics and logs use this."""
+        size, patch = parse_model_name(self.name)
+        shape = self.shape()
+        if (shape.depth, shape.width, shape.mlp_dim, shape.heads, shape.patch_size) == (*SIZES[size], patch):
+            return f"{size}/{patch}"
+        return f"depth{shape.depth}-width{shape.width}-mlp{shape.mlp_dim}-heads{shape.heads}/{shape.patch_size}"
+
     def shape(self) -> ViTShape:
         size, patch = parse_model_name(self.name)
         depth, width, mlp_dim, heads = SIZES[size]
