@@ -169,9 +169,10 @@ def test_steps_counter_increase_over_a_resumed_run_equals_the_steps_trained(prom
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "resumed from" in done.stdout and "at step 40" in done.stdout
     window = int(time.time() - started) + 5
-    result = prometheus.query(f'increase(vitscale_train_steps_total{{job="vitscale",rank="0"}}[{window}s])')
+    rank0 = f'job="vitscale",instance="127.0.0.1:{metrics_port}",rank="0"'  # this test's job only
+    result = prometheus.query(f'increase(vitscale_train_steps_total{{{rank0}}}[{window}s])')
     assert len(result) == 1, result
     increase = float(result[0]["value"][1])
     assert 67 <= increase <= 72.5, increase
-    position = prometheus.query('max_over_time(vitscale_train_step{job="vitscale",rank="0"}[5m])')
+    position = prometheus.query(f'max_over_time(vitscale_train_step{{{rank0}}}[{window}s])')
     assert 69 <= float(position[0]["value"][1]) <= 70
