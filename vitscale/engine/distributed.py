@@ -160,7 +160,7 @@ def start_process_group(config, launch: Launch) -> Communicator:
     if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=config.engine.collective_timeout_seconds)
     # DeepSpeed adopts a group that already exists, so every engine starts it the same way.
     dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
