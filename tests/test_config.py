@@ -120,3 +120,26 @@ def test_no_usage_line_in_the_repository_leaves_a_shard_pattern_to_the_shell():
                 if unquoted.search(line):
                     offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("override, key", [("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"),
+                                           ("optim.weight_decay=inf", "optim.weight_decay"),
+                                           ("optim.weight_decay=nan", "optim.weight_decay"),
+                                           ("optim.beta2=nan", "optim.beta2"), ("optim.grad_clip=nan", "optim.grad_clip"),
+                                           ("optim.lr=-1e-3", "optim.lr"), ("optim.eps=0", "optim.eps")])
+def test_non_finite_and_non_positive_optimizer_values_are_refused(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert error.value.key == key and "\n" not in str(error.value)
+
+
+def test_resume_from_a_file_says_it_is_a_file(tmp_path):
+    from vitscale.engine.checkpoint import resolve_checkpoint
+    from vitscale.errors import CheckpointError
+
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"not a checkpoint directory")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint"):
+        resolve_checkpoint(weights)
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_checkpoint(tmp_path / "missing")

@@ -80,6 +80,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker: the save was "
                               "interrupted); pass the run directory to pick its latest complete checkpoint")
+    if path.exists():
+        raise CheckpointError(f"{path} is a file, not a checkpoint: pass a checkpoint directory "
+                              "(RUN_DIR/checkpoints/step_XXXXXXXX) or a run directory (its latest complete one)")
     raise CheckpointError(f"checkpoint {path} not found")
 
 

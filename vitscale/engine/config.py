@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from vitscale.checks import require_positive, require_range
+from vitscale.checks import require_finite, require_positive, require_range
 from vitscale.errors import ConfigError
 
 
@@ -41,6 +41,8 @@ class OptimConfig:
         require_range(self, "optim", "beta1", 0.0, 0.999999)
         require_range(self, "optim", "beta2", 0.0, 0.999999)
         require_range(self, "optim", "momentum", 0.0, 0.999999)
+        for name in ("weight_decay", "grad_clip", "beta1", "beta2", "momentum", "alpha"):
+            require_finite(self, "optim", name)
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.weight_decay" if self.weight_decay < 0 else "optim.grad_clip",
                               "must be >= 0", "use 0 to disable")
