@@ -212,7 +212,7 @@ class ForwardTimer:
 
     def __init__(self, module: nn.Module, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.seconds, self.steps = 0.0, 0
+        self.seconds = 0.0
         self.events: list[tuple[Any, Any]] = []
         self.started: Any = None
         module.register_forward_pre_hook(self._begin)
@@ -240,17 +240,14 @@ class ForwardTimer:
         event.record()
         return event
 
-    def step_done(self) -> None:
-        self.steps += 1
-
-    def take(self) -> float:
-        """Mean forward seconds per step since the last call."""
+    def take(self, steps: int) -> float:
+        """Mean forward seconds per step over the `steps` steps since the last call."""
         if self.events:
             self.events[-1][1].synchronize()
             self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
             self.events = []
-        mean = self.seconds / max(self.steps, 1)
-        self.seconds, self.steps = 0.0, 0
+        mean = self.seconds / max(steps, 1)
+        self.seconds = 0.0
         return mean
 
 
@@ -384,7 +381,6 @@ def train(t: Trainer) -> int:
         state.elapsed_seconds += step_seconds
         t.last_step_seconds = step_seconds
         t.window_data_wait += result.data_wait_seconds
-        t.forward_timer.step_done()
         t.watchdog.beat()
         window_steps += 1
         if result.skipped and result.loss_scale_skip and config.engine.precision == "fp16":
@@ -449,7 +445,7 @@ def record_step(t: Trainer, result: StepResult, values: dict[str, float] | None,
 def record_rank_times(t: Trainer, window_steps: int) -> None:
     """Logging steps: every rank's own time per step (forward compute, data wait; means over the
     window) to rank 0, which flags stragglers in its log and in Prometheus."""
-    compute, data_wait = t.forward_timer.take(), t.window_data_wait / max(window_steps, 1)
+    compute, data_wait = t.forward_timer.take(window_steps), t.window_data_wait / max(window_steps, 1)
     t.window_data_wait = 0.0
     every = t.engine.comm.all_gather([compute, data_wait])
     if t.is_main:
