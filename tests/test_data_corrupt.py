@@ -145,3 +145,24 @@ def test_missing_shard_without_index_is_counted_once_or_stops_strict(tmp_path):
     assert counts == [{"missing_shard": 1}, {}]
     with pytest.raises(DataError, match="x-000001.tar is missing"):
         loader(pattern, strict=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_missing_shard_leaves_holes_not_copies(tmp_path, workers):
+    """Finding: with one of five shards missing, batches carried 8-18 copies of one image. Now every
+    slot of the missing shard is a hole (zeros, valid=False) and no real sample appears twice."""
+    write_shards(digit_records(range(40)), tmp_path, prefix="s", max_count=8)  # 5 shards, indexed
+    (tmp_path / "s-000002.tar").unlink()
+    pattern = str(tmp_path / "s-{000000..000004}.tar")
+    data_loader = build_train_loader(DataConfig(train_shards=pattern, num_workers=workers, shuffle_buffer=16),
+                                     micro_batch_size=16, image_size=16, num_classes=12, rank=0, world_size=1,
+                                     seed=0)
+    batches = one_epoch(data_loader)
+    real = [k for b in batches for k, v in zip(b.keys, b.valid.tolist()) if v]
+    holes = [(b.images[i], k) for b in batches for i, (k, v) in enumerate(zip(b.keys, b.valid.tolist())) if not v]
+    assert len(real) == len(set(real)) == 32
+    assert set(real) == {f"digit_{i:05d}" for i in (*range(16), *range(24, 40))}
+    # The missing shard's samples by their place in it, then 8 padding slots (48 slots, 40 samples).
+    assert sorted(k for _, k in holes) == [""] * 8 + [f"#{i}" for i in range(8)]
+    assert all(not image.any() for image, _ in holes)
+    assert data_loader.skipped_samples() == {"missing_shard": 8}

@@ -215,6 +215,45 @@ def test_softmax_and_sigmoid_cross_entropy():
     assert sigmoid_cross_entropy(torch.zeros(2, 5), torch.zeros(2, 5)).item() == pytest.approx(5 * math.log(2))
 
 
+def test_hole_weights_give_the_mean_over_real_samples_of_the_global_batch():
+    """Two simulated ranks x two micro-batches with holes (padding, skipped samples): the weighted
+    micro-batch losses, averaged over ranks and micro-batches as the engines average gradients, equal
+    plain cross-entropy over the real samples alone, in value and in gradient."""
+    from types import SimpleNamespace
+
+    from vitscale.train import sample_weights
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    objective = build_objective(load_config(REPO / "configs" / "demo.yaml"))
+    images, labels = torch.randn(2, 2, 4, 3, 16, 16), torch.randint(0, 10, (2, 2, 4))
+    valid = torch.tensor([[[1, 1, 0, 1], [0, 0, 0, 0]], [[1, 1, 1, 1], [1, 0, 1, 1]]], dtype=torch.bool)
+    images[~valid] = 100.0  # a hole's content must not reach the loss or the gradient
+    global_real = valid.sum().float()
+
+    class TwoRanks:  # device_sum over both simulated ranks: each rank's masks are its own
+        world_size = 2
+
+        @staticmethod
+        def device_sum(local):
+            return global_real.clone()
+
+    engine = SimpleNamespace(device=torch.device("cpu"), comm=TwoRanks())
+    total = 0.0
+    for rank in range(2):
+        weights = sample_weights(engine, list(valid[rank]))
+        for micro in range(2):
+            total = total + objective.loss(model, images[rank, micro], labels[rank, micro], weights[micro])[0] / 4
+    total.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = F.cross_entropy(model(images[valid]), labels[valid])
+    reference.backward()
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    for mine, theirs in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_unknown_objective_is_a_config_error():
     config = load_config(REPO / "configs" / "demo.yaml")
     config.run.objective = "contrastive"

@@ -60,7 +60,7 @@ class SyntheticLoader:
             images, labels = synthetic_global_batch(step, self.global_batch)
             start = (index * self.world_size + self.rank) * self.micro
             self.yielded += 1
-            yield images[start:start + self.micro], labels[start:start + self.micro]
+            yield images[start:start + self.micro], labels[start:start + self.micro], torch.ones(self.micro, dtype=torch.bool)
 
     def state_dict(self):
         return {"yielded": self.yielded}

@@ -2,9 +2,13 @@
 gradient reaches the engine). `run.objective` and `optim.name` select them.
 
     objective = build_objective(config)
-    loss, stats = objective.loss(model, images, targets)     # stats: floats for the log
-    backward = build_backward(config)                        # plain, or SAM / GSAM
-    loss = backward(engine, objective, images, targets, boundary=last_micro_batch)
+    loss, stats = objective.loss(model, images, targets, weights)   # stats: floats for the log
+    backward = build_backward(config)                               # plain, or SAM / GSAM
+    loss = backward(engine, objective, images, targets, weights, boundary=last_micro_batch)
+
+`weights` (B,) are per-sample loss weights: loss = sum_i weights_i x loss_i, with loss_i image i's
+own loss (None: the plain mean). The trainer zeroes the loader's holes with them and scales so a
+step averages over the real samples of the global batch (vitscale.train.sample_weights).
 
 Built in: "classification", softmax cross-entropy over int64 class ids, or (data.multi_label)
 sigmoid cross-entropy over float multi-hot targets, summed over classes and averaged over images,
@@ -25,16 +29,16 @@ from vitscale.errors import ConfigError
 
 
 class Objective(Protocol):
-    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     def attach(self, model: nn.Module) -> None:
         """Add the objective's own parameters to the model before an engine wraps it."""
 
 
 class Backward(Protocol):
-    def __call__(self, engine, objective: Objective, images: torch.Tensor, targets: torch.Tensor, *,
-                 boundary: bool) -> torch.Tensor:
+    def __call__(self, engine, objective: Objective, images: torch.Tensor, targets: torch.Tensor,
+                 weights: torch.Tensor | None = None, *, boundary: bool) -> torch.Tensor:
         """Forward, backward into the engine; returns the micro-batch's (clean) loss."""
 
 
@@ -61,12 +65,12 @@ def build_objective(config: Any) -> Objective:
     return _REGISTRY[name](config)
 
 
-def plain_backward(engine, objective: Objective, images: torch.Tensor, targets: torch.Tensor, *,
-                   boundary: bool) -> torch.Tensor:
+def plain_backward(engine, objective: Objective, images: torch.Tensor, targets: torch.Tensor,
+                   weights: torch.Tensor | None = None, *, boundary: bool) -> torch.Tensor:
     from vitscale.engine import faults
 
     with engine.autocast():
-        loss, _ = objective.loss(engine.train_module, images, targets)
+        loss, _ = objective.loss(engine.train_module, images, targets, weights)
     if faults.maybe_inject("loss") == "nan_loss":
         loss = loss * float("nan")
     engine.backward(loss, boundary=boundary)
@@ -86,23 +90,33 @@ class Classification:
     def __init__(self, multi_label: bool):
         self.multi_label = multi_label
 
-    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(images).float()  # (B, K); the loss in fp32 even under bf16 autocast
         if self.multi_label:
-            loss = sigmoid_cross_entropy(logits, targets)
+            per_image = sigmoid_cross_entropy(logits, targets, reduction="none")
         else:
-            loss = F.cross_entropy(logits, targets)
-        return loss, {}
+            per_image = F.cross_entropy(logits, targets, reduction="none")
+        return weighted_mean(per_image, weights), {}
 
     def attach(self, model: nn.Module) -> None:
         pass  # no parameters of its own
 
 
-def sigmoid_cross_entropy(logits: torch.Tensor, multi_hot: torch.Tensor) -> torch.Tensor:
+def sigmoid_cross_entropy(logits: torch.Tensor, multi_hot: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Sum over classes of the binary cross-entropy, mean over images (big_vision's sigmoid_xent)."""
     per_class = F.binary_cross_entropy_with_logits(logits, multi_hot.to(logits.dtype), reduction="none")
-    return per_class.sum(dim=-1).mean()
+    per_image = per_class.sum(dim=-1)
+    return per_image if reduction == "none" else per_image.mean()
+
+
+def weighted_mean(per_image: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_i weights_i x per_image_i (None: the mean). A zero weight drops its image from the
+    loss; the loader fills holes with zeros, so their activations stay finite."""
+    if weights is None:
+        return per_image.mean()
+    weights = weights.to(per_image.device, per_image.dtype)
+    return torch.where(weights > 0, per_image * weights, 0.0).sum()
 
 
 register_objective("classification", lambda config: Classification(config.data.multi_label))

@@ -346,14 +346,16 @@ def train_step(t: Trainer) -> StepResult:
     one vector read at the end: whether every rank skipped, and the agreed stop request."""
     engine = t.engine
     set_learning_rate(engine, learning_rate(t.state.step, t.config))
-    losses, data_wait = [], 0.0
-    for index in range(t.accumulation):
-        started = time.perf_counter()
-        images, targets = next(t.batches)
-        data_wait += time.perf_counter() - started
+    started = time.perf_counter()
+    micro_batches = [next(t.batches) for _ in range(t.accumulation)]
+    data_wait = time.perf_counter() - started
+    weights = sample_weights(engine, [valid for _, _, valid in micro_batches])
+    losses = []
+    for index, (images, targets, _) in enumerate(micro_batches):
         images = images.to(engine.device, dtype=engine.input_dtype, non_blocking=True)
         targets = targets.to(engine.device, non_blocking=True)
-        loss = t.backward(engine, t.objective, images, targets, boundary=index == t.accumulation - 1)
+        loss = t.backward(engine, t.objective, images, targets, weights[index],
+                          boundary=index == t.accumulation - 1)
         losses.append(loss.detach().float().reshape(()))
     step_losses = torch.stack(losses)
     nonfinite_loss = engine.comm.device_any(~torch.isfinite(step_losses).all())
@@ -363,6 +365,17 @@ def train_step(t: Trainer) -> StepResult:
          t.stops.requested == faults.STOP_REQUEUE], "max")
     stop = faults.STOP_REQUEUE if requeue else faults.STOP_TERM if term else faults.STOP_NONE
     return StepResult(step_losses, outcome.grad_norm, skipped > 0, nonfinite > 0, stop, data_wait)
+
+
+def sample_weights(engine, valid_masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-sample loss weights of a step's micro-batches: 0 for holes (padding, skipped samples),
+    else world x accumulation / (real samples in the global batch). Engines average gradients
+    over ranks and micro-batches, so the step's gradient is the mean over its real samples; with
+    no holes every weight is 1 / micro_batch, the plain mean. One device all-reduce, no host read."""
+    local = torch.stack([mask.to(engine.device, non_blocking=True) for mask in valid_masks]).float()
+    real = engine.comm.device_sum(local.sum()).clamp(min=1.0)
+    scale = engine.comm.world_size * len(valid_masks) / real
+    return list((local * scale).unbind(0))
 
 
 def train(t: Trainer) -> int:

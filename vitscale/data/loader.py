@@ -6,10 +6,13 @@
     checkpoint["data"] = loader.state_dict()      # later: loader.load_state_dict(...)
 
 Every sample of an epoch is read exactly once over all ranks and workers (plus fewer than
-world_size x micro_batch padding repeats so that every rank yields the same number of batches);
+world_size x micro_batch padding slots so that every rank yields the same number of batches);
 see vitscale/data/plan.py for the layout and the resume guarantee. Corrupt samples are skipped,
-counted by reason and recorded in a ledger (or stop the run with data.strict=true); each skipped
-slot is refilled with the reader's last good sample, re-augmented, so batch counts stay equal.
+counted by reason and recorded in a ledger (or stop the run with data.strict=true).
+
+A slot without a real sample (padding, or a skipped sample) stays in its batch as a hole: zeros,
+`valid=False`. Nothing is duplicated to fill it; the trainer weights each sample's loss by the
+mask so that a step's loss and gradient average over the real samples of the global batch.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vitscale.data import plan as planning
 from vitscale.data.config import DataConfig
 from vitscale.data.decode import Augment, LabelSpec, SampleError, decode_target, image_bytes, load_class_map
-from vitscale.data.mixing import mix_batch
+from vitscale.data.mixing import mix_batch, soft_targets
 from vitscale.data.shards import ShardProblem, expand_shards, iter_shard, shard_sample_counts
 from vitscale.errors import ConfigError, DataError
 from vitscale.signals import ignore_in_worker
@@ -40,7 +43,7 @@ STATE_VERSION = 1
 class Batch:
     images: torch.Tensor  # (B, 3, H, W) float32, normalised
     targets: torch.Tensor  # (B,) int64, or (B, C) float32 (multi-label or mixed)
-    valid: torch.Tensor  # (B,) bool: False for padding and refilled (skipped) slots
+    valid: torch.Tensor  # (B,) bool: False for holes (padding slots and skipped samples)
     keys: list[str]  # sample keys, for ledgers and tests
     skipped: dict[str, int] = field(default_factory=dict)  # this reader's counts in this segment
     worker: int = 0
@@ -125,7 +128,6 @@ class ReaderRun:
         self.emit = plan.reader_order(reader, spec.buffer_size, spec.seed)[batches_done * spec.topology.micro_batch:]
         self.first_batch = batches_done
         self.skipped: collections.Counter = collections.Counter()
-        self.last_good: tuple[dict, int | torch.Tensor] | None = None
 
     def batches(self) -> Iterator[Batch]:
         size = self.spec.topology.micro_batch
@@ -150,7 +152,10 @@ class ReaderRun:
         """(slot, raw sample or problem) in slot order, opening each shard as few times as needed."""
         current, offset, samples = -1, 0, iter(())
         for slot in slots:
-            sample_id, _ = self.plan.sample_at(self.reader.start + int(slot))
+            sample_id, is_pad = self.plan.sample_at(self.reader.start + int(slot))
+            if is_pad:  # padding is not read
+                yield int(slot), None
+                continue
             shard = self._shard_of(sample_id)
             wanted = sample_id - int(self.shard_starts[shard])
             if shard != current or offset > wanted:
@@ -169,28 +174,26 @@ class ReaderRun:
     # -- decoding ---------------------------------------------------------------------------
 
     def prepare(self, slot: int, item: dict | ShardProblem):
+        """(image, target, key) of a real sample, or a Hole for a padding slot or a skipped sample."""
         position = self.reader.start + slot
         sample_id, is_pad = self.plan.sample_at(position)
-        seed = sample_seed(self.spec.seed, self.plan.epoch, sample_id, position if is_pad else -1)
-        if is_pad and not isinstance(item, dict):  # counted at its real position in the epoch
-            return ("refill", seed)
+        if is_pad:  # a repeat that only keeps batch counts equal: never decoded, never trained on
+            return Hole("")
+        seed = sample_seed(self.spec.seed, self.plan.epoch, sample_id, -1)
         if isinstance(item, ShardProblem):
             key = item.key or f"#{sample_id - int(self.shard_starts[self._shard_of(sample_id)])}"
-            return self.skip(item.reason, item.shard, key, item.detail, seed)
+            return self.skip(item.reason, item.shard, key, item.detail)
         try:
             target = decode_target(item, self.spec.labels)
             image = self.spec.augment(image_bytes(item), seed)
         except SampleError as error:
-            if is_pad:
-                return ("refill", seed)
-            return self.skip(error.reason, item["__shard__"], item["__key__"], error.detail, seed)
-        self.last_good = (item, target)
-        return image, target, not is_pad, item["__key__"]
+            return self.skip(error.reason, item["__shard__"], item["__key__"], error.detail)
+        return image, target, item["__key__"]
 
     def _shard_of(self, sample_id: int) -> int:
         return int(np.searchsorted(self.shard_starts, sample_id, side="right")) - 1
 
-    def skip(self, reason: str, shard: str, key: str, detail: str, seed: int):
+    def skip(self, reason: str, shard: str, key: str, detail: str) -> "Hole":
         if self.spec.strict:
             raise DataError(f"shard {shard}, sample {key}: {reason} ({detail}); fix or remove it, "
                             f"or set data.strict=false to skip such samples")
@@ -198,41 +201,37 @@ class ReaderRun:
         append_ledger(self.spec.ledger, {"shard": shard, "key": key, "reason": reason, "detail": detail[:200],
                                          "epoch": self.plan.epoch, "rank": self.spec.rank,
                                          "worker": self.reader.worker})
-        return ("refill", seed)
-
-    def refill(self, seed: int):
-        if self.last_good is None:
-            self.last_good = self.find_good_sample()
-        item, target = self.last_good
-        return self.spec.augment(image_bytes(item), seed), target, False, item["__key__"]
-
-    def find_good_sample(self) -> tuple[dict, int | torch.Tensor]:
-        """A decodable sample from anywhere in the epoch, when a reader's own slice has none yet."""
-        for url in self.shard_urls:
-            for item in iter_shard(url):
-                if isinstance(item, dict):
-                    try:
-                        target = decode_target(item, self.spec.labels)
-                        self.spec.augment(image_bytes(item), 0)
-                        return item, target
-                    except SampleError:
-                        continue
-        raise DataError("no readable sample in any shard; run `vitscale shards check` on the data")
+        return Hole(key)
 
     def collate(self, entries: list, batch_index: int) -> Batch:
-        entries = [self.refill(e[1]) if len(e) == 2 else e for e in entries]
-        images = torch.stack([e[0] for e in entries])  # (B, 3, H, W) uint8
-        targets = torch.stack([e[1] for e in entries]) if self.spec.labels.multi_label else \
-            torch.tensor([e[1] for e in entries], dtype=torch.int64)
-        images = normalize(images, self.spec.mean, self.spec.std)
-        spec = self.spec
-        if spec.mixup_alpha > 0 or spec.cutmix_alpha > 0:
+        spec, size = self.spec, self.spec.augment.image_size
+        valid = torch.tensor([not isinstance(e, Hole) for e in entries])
+        blank = torch.zeros(3, size, size, dtype=torch.uint8)
+        images = torch.stack([blank if isinstance(e, Hole) else e[0] for e in entries])  # (B, 3, H, W) uint8
+        if spec.labels.multi_label:
+            empty = torch.zeros(spec.labels.num_classes, dtype=torch.float32)
+            targets = torch.stack([empty if isinstance(e, Hole) else e[1] for e in entries])
+        else:
+            targets = torch.tensor([0 if isinstance(e, Hole) else e[1] for e in entries], dtype=torch.int64)
+        images = normalize(images, spec.mean, spec.std)
+        images[~valid] = 0.0  # holes: weight 0 in the loss, zeros (not a real image) to the model
+        if (spec.mixup_alpha > 0 or spec.cutmix_alpha > 0) and valid.any():
             key = [spec.seed, self.plan.epoch, self.plan.segment, self.reader.start, batch_index, 0x313]
             rng = np.random.default_rng(key)
-            images, targets = mix_batch(images, targets, num_classes=spec.labels.num_classes,
-                                        mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha, rng=rng)
-        return Batch(images, targets, torch.tensor([e[2] for e in entries]), [e[3] for e in entries],
-                     dict(self.skipped), self.reader.worker)
+            real = valid.nonzero().squeeze(1)  # mixed among real samples only: a hole is no partner
+            mixed, soft = mix_batch(images[real], targets[real], num_classes=spec.labels.num_classes,
+                                    mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha, rng=rng)
+            targets = soft_targets(targets, spec.labels.num_classes)
+            images[real], targets[real] = mixed, soft
+        keys = [e.key if isinstance(e, Hole) else e[2] for e in entries]
+        return Batch(images, targets, valid, keys, dict(self.skipped), self.reader.worker)
+
+
+@dataclass(frozen=True)
+class Hole:
+    """A batch slot without a real sample: padding (key "") or a skipped sample (its key)."""
+
+    key: str
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -351,7 +350,7 @@ class _RankLoader:
 
 
 class TrainLoader(_RankLoader):
-    """Yields (images, targets) forever; epoch e is shuffled from seed + e."""
+    """Yields (images, targets, valid) forever; epoch e is shuffled from seed + e."""
 
     def batches(self) -> Iterator[Batch]:
         while True:
@@ -367,9 +366,9 @@ class TrainLoader(_RankLoader):
     def _next_epoch(self) -> None:
         self.epoch, self.history, self.batches_done = self.epoch + 1, [], 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for batch in self.batches():
-            yield batch.images, batch.targets
+            yield batch.images, batch.targets, batch.valid
 
 
 class EvalLoader(_RankLoader):

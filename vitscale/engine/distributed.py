@@ -83,6 +83,10 @@ class Communicator:
         """True on every rank if `flag` is true on any rank; a bool scalar on the control device."""
         return self._all_reduce(flag.detach().reshape(()).to(self.device, torch.float32), "max") > 0
 
+    def device_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a scalar, on the control device: no host read."""
+        return self._all_reduce(value.detach().reshape(()).to(self.device, torch.float32), "sum")
+
     def all_gather(self, values: Sequence[float]) -> list[list[float]]:
         """Every rank's `values`, indexed by rank (rank times for the straggler view)."""
         mine = self.stack(values)

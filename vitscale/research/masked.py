@@ -28,6 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from vitscale.errors import ConfigError
+from vitscale.objectives import weighted_mean
 from vitscale.research.config import MaskedPatchConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +176,8 @@ class MaskedPatchObjective:
             return downsized_targets(unit, patch_size, cfg.downsized_size, cfg.color_bits)
         return full_patch_targets(unit, patch_size)
 
-    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None = None,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         vit = unwrap_model(model)
         head = getattr(vit, "masked_patch", None)
         if head is None:
@@ -189,17 +190,23 @@ class MaskedPatchObjective:
                                                                                          head.mask_embedding))
         outputs = head(tokens[:, vit.extra_tokens:][corruption.selected]).float()  # (M, out)
         wanted = self.targets(images, shape.patch_size)[corruption.selected]         # (M, ...)
-        return self._loss_and_stats(outputs, wanted)
+        return self._loss_and_stats(outputs, wanted, images.shape[0], weights)
 
-    def _loss_and_stats(self, outputs: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss_and_stats(self, outputs: torch.Tensor, wanted: torch.Tensor, batch: int,
+                        weights: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Every image has the same number of selected patches (M = batch x count, image-major), so
+        the mean over an image's elements, weighted over images, is the plain mean without weights."""
         if self.config.target == "full_patch":
-            loss = F.mse_loss(outputs, wanted)
+            per_image = F.mse_loss(outputs, wanted, reduction="none").reshape(batch, -1).mean(dim=1)
+            loss = weighted_mean(per_image, weights)
             return loss, {"loss": loss.item()}
         colours = 2 ** (3 * self.config.color_bits)
         logits = outputs.view(-1, colours)   # downsized: (M * cells, colours)
         labels = wanted.reshape(-1)
-        loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+        per_image = F.cross_entropy(logits, labels, reduction="none").reshape(batch, -1).mean(dim=1)
+        loss = weighted_mean(per_image, weights)
+        hits = (logits.argmax(dim=-1) == labels).float().reshape(batch, -1).mean(dim=1)
+        accuracy = hits.mean() if weights is None else (hits * (weights > 0)).sum() / (weights > 0).sum().clamp(min=1)
         return loss, {"loss": loss.item(), "accuracy": accuracy.item()}
 
 

@@ -160,8 +160,8 @@ class SharpnessAwareBackward:
     def __init__(self, settings: SharpnessSettings):
         self.settings = settings
 
-    def __call__(self, engine, objective, images: torch.Tensor, targets: torch.Tensor, *,
-                 boundary: bool) -> torch.Tensor:
+    def __call__(self, engine, objective, images: torch.Tensor, targets: torch.Tensor,
+                 weights: torch.Tensor | None = None, *, boundary: bool) -> torch.Tensor:
         lr = engine.param_groups[0]["lr"]
         losses: list[torch.Tensor] = []
 
@@ -169,7 +169,7 @@ class SharpnessAwareBackward:
             # The bare module: an engine forward arms DeepSpeed's gradient reduction, which must
             # run only for the final backward of the SAM/GSAM direction.
             with engine.autocast():
-                losses.append(objective.loss(engine.module, images, targets)[0])
+                losses.append(objective.loss(engine.module, images, targets, weights)[0])
             return losses[-1]
 
         sharpness_aware_backward(loss_fn, list(engine.module.parameters()),
