@@ -143,7 +143,7 @@ def test_missing_shard_without_index_is_counted_once_or_stops_strict(tmp_path):
     pattern = str(tmp_path / "x-{000000..000001}.tar")
     counts = [loader(pattern, rank=r, world=2).skipped_samples() for r in range(2)]
     assert counts == [{"missing_shard": 1}, {}]
-    with pytest.raises(DataError, match="x-000001.tar is missing"):
+    with pytest.raises(DataError, match="x-000001.tar: missing_shard"):
         loader(pattern, strict=True)
 
 

@@ -42,6 +42,9 @@ class DataConfig:
     skip_ledger: str = ""
     # Images with more pixels are skipped before they are decoded (decompression bombs).
     max_image_pixels: int = 8192 * 8192
+    # EXIF orientation of photos: "ignore" (the pixels as stored, as torchvision's, timm's and
+    # tf.data's decoders read them: published recipes trained so) or "apply" (rotate upright).
+    exif_orientation: Literal["ignore", "apply"] = "ignore"
     # Decode JPEGs at a reduced size (DCT scaling, PIL draft mode) when the crop allows it.
     fast_decode: bool = True
     # RandomResizedCrop area and aspect-ratio ranges (torchvision / Inception defaults).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.transforms.v2.functional import resize
 
@@ -64,15 +65,41 @@ def load_class_map(path: str) -> dict[str, int] | None:
 # Labels.
 
 
+# Label members are small: a class id, a name, or a list of ids (21,843 ids fit in ~130 KB).
+# Bounds make a hostile member a counted `bad_label` instead of a crash (JSON nesting recurses).
+MAX_LABEL_BYTES = {"cls": 4096, "json": 1 << 20}
+MAX_LABEL_DEPTH = 4
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
 def decode_target(sample: dict, spec: LabelSpec) -> torch.Tensor | int:
     """int class id (single-label) or float32 multi-hot (num_classes,)."""
     ext = "json" if spec.multi_label else "cls"
     if ext not in sample:
         raise SampleError("missing_label", f"no .{ext} member")
+    return _target(parse_label(sample[ext], ext), spec)
+
+
+def parse_label(data: bytes, ext: str):
+    """JSON with bounded size and nesting depth, parsed without recursion errors."""
+    if len(data) > MAX_LABEL_BYTES[ext]:
+        raise SampleError("bad_label", f".{ext} is {len(data)} bytes, over the {MAX_LABEL_BYTES[ext]}-byte limit")
+    if label_depth(data) > MAX_LABEL_DEPTH:
+        raise SampleError("bad_label", f".{ext} nests deeper than {MAX_LABEL_DEPTH} levels")
     try:
-        value = json.loads(sample[ext].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise SampleError("bad_label", f".{ext} is not parseable: {error}") from None
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise SampleError("bad_label", f".{ext} is not parseable: {str(error)[:80]}") from None
+
+
+def label_depth(data: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, brackets inside strings not counted."""
+    structure = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    steps = np.isin(structure, (ord("["), ord("{"))).astype(np.int64) - np.isin(structure, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _target(value, spec: LabelSpec) -> torch.Tensor | int:
     if spec.multi_label:
         ids = value.get("labels") if isinstance(value, dict) else value
         ids = [ids] if isinstance(ids, (int, str)) else ids
@@ -112,10 +139,15 @@ def image_bytes(sample: dict) -> bytes:
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Parse the header only; refuse oversized images before any pixel is decoded."""
+    # PIL's own bomb check (an error above 2 x its limit) would fire first and differently: its
+    # limit follows ours, so data.max_image_pixels alone decides, and the reason is the same.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise SampleError("oversized_image", f"{error}; raise data.max_image_pixels to read it") from None
     except Exception as error:  # PIL raises many types for unreadable headers
         raise SampleError("undecodable_image", f"{type(error).__name__}: {error}") from None
     width, height = image.size
@@ -124,12 +156,27 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+# Integer modes PIL gives 16-bit images (PNG, TIFF): `convert("RGB")` clips them at 255.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_rgb(image: Image.Image) -> Image.Image:
     try:
         image.load()
+        if image.mode in WIDE_MODES:  # scale 0..65535 to 0..255 (x / 257, rounded), as libpng does
+            wide = np.asarray(image, dtype=np.float64 if image.mode == "I" else np.uint16).astype(np.float64)
+            narrow = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(np.repeat(narrow[..., None], 3, axis=-1), "RGB")
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as error:
         raise SampleError("undecodable_image", f"{type(error).__name__}: {error}") from None
+
+
+def exif_orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: as if there were none
+        return 1
 
 
 def decode_image(data: bytes, max_pixels: int = 8192 * 8192) -> np.ndarray:
@@ -149,10 +196,17 @@ class Augment:
     eval_crop_fraction: float = 1.0
     randaugment_layers: int = 0
     randaugment_magnitude: int = 10
+    apply_exif_orientation: bool = False
 
     def __call__(self, data: bytes, seed: int) -> torch.Tensor:
         """Encoded image -> (3, image_size, image_size) uint8; seed fixes every random choice."""
         image = open_image(data, self.max_pixels)
+        if self.apply_exif_orientation and exif_orientation(image) != 1:
+            image = load_rgb(image)  # rotated images are decoded in full (no reduced JPEG decode)
+            try:
+                image = ImageOps.exif_transpose(image)
+            except Exception as error:
+                raise SampleError("undecodable_image", f"{type(error).__name__}: {error}") from None
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
             torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA (slow)
             box = self._crop_box(image.size)

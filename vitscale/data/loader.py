@@ -70,6 +70,7 @@ class StreamSpec:
     pad: bool = True
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    counting_problems: tuple[ShardProblem, ...] = ()
 
 
 class ShardStream(IterableDataset):
@@ -163,6 +164,10 @@ class ReaderRun:
             item = None
             while offset <= wanted:
                 item = next(samples, None) if ended is None else ended
+                if isinstance(item, ShardProblem) and not item.slot:
+                    if offset == wanted:  # reported by the reader of the slot that follows it: once
+                        self.note(item)
+                    continue
                 if item is None or (isinstance(item, ShardProblem) and not item.key):
                     ended = item or ShardProblem(self.shard_urls[shard], "", "truncated_shard",
                                                  "shard has fewer samples than its index says")
@@ -192,6 +197,16 @@ class ReaderRun:
 
     def _shard_of(self, sample_id: int) -> int:
         return int(np.searchsorted(self.shard_starts, sample_id, side="right")) - 1
+
+    def note(self, problem: ShardProblem) -> None:
+        """Members that are no sample (e.g. `../x`): counted and recorded, no slot lost."""
+        if self.spec.strict:
+            raise DataError(f"shard {problem.shard}: {problem.reason} ({problem.detail}); rewrite the shard, "
+                            f"or set data.strict=false to skip such members")
+        self.skipped[problem.reason] += 1
+        append_ledger(self.spec.ledger, {"shard": problem.shard, "key": "", "reason": problem.reason,
+                                         "detail": problem.detail[:200], "epoch": self.plan.epoch,
+                                         "rank": self.spec.rank, "worker": self.reader.worker})
 
     def skip(self, reason: str, shard: str, key: str, detail: str) -> "Hole":
         if self.spec.strict:
@@ -269,23 +284,27 @@ class _RankLoader:
         self.epoch, self.history, self.batches_done = 0, [], 0
         self._skipped_before: collections.Counter = collections.Counter()
         self._skipped_now: dict[int, dict[str, int]] = {}
-        self._note_unindexed_missing_shards()
+        self._note_counting_problems()
 
-    def _note_unindexed_missing_shards(self) -> None:
-        """A missing shard without an index entry has no known samples to skip one by one:
-        strict mode stops; tolerant mode counts it once (on rank 0) and records it."""
+    def _note_counting_problems(self) -> None:
+        """Shards without an index entry that are missing, empty, not tars or cut short have no
+        known samples to skip one by one (and a stale index entry was replaced by a count):
+        strict mode stops; tolerant mode counts each once (on rank 0) and records it."""
         spec = self.stream.spec
-        for url, count in zip(spec.urls, spec.counts):
-            if count or url.startswith("pipe:") or os.path.exists(url):
-                continue
-            if spec.strict:
-                raise DataError(f"shard {url} is missing (restore it, remove it from the shard list, "
-                                f"or set data.strict=false to skip it)")
+        problems = list(spec.counting_problems)
+        problems += [ShardProblem(url, "", "missing_shard", "not found; no index entry")
+                     for url, count in zip(spec.urls, spec.counts)
+                     if not count and not url.startswith("pipe:") and not os.path.exists(url)]
+        for problem in problems:
+            if spec.strict and problem.reason != "stale_index":
+                raise DataError(f"shard {problem.shard}: {problem.reason} ({problem.detail}); restore or rewrite "
+                                f"it, remove it from the shard list, or set data.strict=false to skip it")
             if spec.rank == 0:
-                self._skipped_before["missing_shard"] += 1
-                append_ledger(spec.ledger, {"shard": url, "key": "", "reason": "missing_shard",
-                                            "detail": "not found; no index entry", "epoch": 0, "rank": 0,
-                                            "worker": -1})
+                if problem.reason == "stale_index":
+                    print(f"warning: shard {problem.shard}: {problem.detail}", flush=True)
+                self._skipped_before[problem.reason] += 1
+                append_ledger(spec.ledger, {"shard": problem.shard, "key": "", "reason": problem.reason,
+                                            "detail": problem.detail[:200], "epoch": 0, "rank": 0, "worker": -1})
 
     def skipped_samples(self) -> dict[str, int]:
         """Cumulative skipped/corrupt sample counts by reason, on this rank (all workers)."""
@@ -412,17 +431,20 @@ def _stream_spec(cfg: DataConfig, shards: str, key: str, *, train: bool, micro_b
     urls = expand_shards(shards, allow_shell=cfg.allow_shell, key=key)
     topology = planning.Topology(world_size, max(1, cfg.num_workers), micro_batch_size)
     check_shard_count(len(urls), topology, cfg.few_shards, key)
-    counts = shard_sample_counts(urls, cfg.index)
+    counted = shard_sample_counts(urls, cfg.index)
+    counts = counted.counts
     if sum(counts) == 0:
         raise DataError(f"{key}: the shards hold no samples (check them with `vitscale shards check`)")
     augment = Augment(image_size, train, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip, cfg.fast_decode,
                       cfg.max_image_pixels, cfg.eval_crop_fraction,
-                      cfg.randaugment_layers if train else 0, cfg.randaugment_magnitude)
+                      cfg.randaugment_layers if train else 0, cfg.randaugment_magnitude,
+                      cfg.exif_orientation == "apply")
     labels = LabelSpec(num_classes, cfg.multi_label, load_class_map(cfg.class_map))
     return StreamSpec(tuple(urls), tuple(counts), augment, labels, tuple(cfg.mean), tuple(cfg.std), seed, rank,
                       topology, cfg.shuffle_buffer if train else 1, cfg.shuffle_shards and train,
                       cfg.resampled and train, cfg.strict, ledger_path(cfg, run_dir, rank, train),
-                      mixup_alpha=cfg.mixup_alpha if train else 0.0, cutmix_alpha=cfg.cutmix_alpha if train else 0.0)
+                      mixup_alpha=cfg.mixup_alpha if train else 0.0, cutmix_alpha=cfg.cutmix_alpha if train else 0.0,
+                      counting_problems=tuple(counted.problems))
 
 
 def check_shard_count(num_shards: int, topology: planning.Topology, policy: str, key: str) -> None:

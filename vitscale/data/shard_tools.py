@@ -188,7 +188,7 @@ def describe_plan(spec: str, *, index: str, world_size: int, workers: int, micro
     urls = expand_shards(spec, allow_shell=allow_shell, key=key)
     topology = planning.Topology(world_size, max(1, workers), micro_batch)
     check_shard_count(len(urls), topology, few_shards, key)
-    counts = shard_sample_counts(urls, index)
+    counts = shard_sample_counts(urls, index).counts
     total = sum(counts)
     steps = planning.steps_for(total, topology)
     readers = world_size * topology.workers
