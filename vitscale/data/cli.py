@@ -65,7 +65,9 @@ def run_check(args) -> int:
         labels = LabelSpec(args.num_classes, args.multi_label, load_class_map(args.class_map))
     reports = check_shards(args.shards, labels=labels, workers=args.workers, allow_shell=args.allow_shell)
     urls = [r.url for r in reports]
-    index = write_check_index(reports, index_path_for(urls, args.index) or Path(INDEX_NAME))
+    index, stale = write_check_index(reports, index_path_for(urls, args.index) or Path(INDEX_NAME))
+    for line in stale:
+        print(f"stale index entry: {line}")
     problems = [(r.url, key, reason, detail) for r in reports for key, reason, detail in r.problems]
     for url, key, reason, detail in problems:
         print(f"{url}: {key or '(shard)'}: {reason}: {detail}")

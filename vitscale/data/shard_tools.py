@@ -15,7 +15,8 @@ from tqdm import tqdm
 from vitscale.data import plan as planning
 from vitscale.data.decode import IMAGE_EXTENSIONS, LabelSpec, SampleError, decode_image, decode_target, image_bytes
 from vitscale.data.loader import check_shard_count
-from vitscale.data.shards import INDEX_NAME, expand_shards, iter_shard, shard_name, shard_sample_counts, write_index
+from vitscale.data.shards import (INDEX_NAME, expand_shards, iter_shard, read_index, shard_name, shard_sample_counts,
+                                  write_index)
 from vitscale.data.writer import write_shards
 from vitscale.errors import DataError
 
@@ -172,10 +173,19 @@ def check_shards(spec: str, *, labels: LabelSpec | None, workers: int, allow_she
     return reports
 
 
-def write_check_index(reports: list[ShardReport], path: Path) -> Path:
-    entries = {shard_name(r.url): {"samples": r.samples, "bytes": r.bytes, "problems": len(r.problems)}
-               for r in reports}
-    return write_index(path, entries, {"checked": True})
+def write_check_index(reports: list[ShardReport], path: Path) -> tuple[Path, list[str]]:
+    """Update the checked shards' entries of the index (others are kept: checking a subset must
+    not drop the rest). -> (path, one line per entry that was stale)."""
+    entries = read_index(path)
+    stale = []
+    for report in reports:
+        name = shard_name(report.url)
+        old = entries.get(name)
+        if old is not None and (old.get("samples"), old.get("bytes")) != (report.samples, report.bytes):
+            stale.append(f"{name}: the index said {old.get('samples')} samples / {old.get('bytes')} bytes, "
+                         f"the shard has {report.samples} / {report.bytes}: entry updated")
+        entries[name] = {"samples": report.samples, "bytes": report.bytes, "problems": len(report.problems)}
+    return write_index(path, entries, {"checked": True}), stale
 
 
 # ---------------------------------------------------------------------------------------------
