@@ -14,7 +14,8 @@ from pathlib import Path
 
 from vitscale.config import add_config_arguments, config_from_args
 from vitscale.data.decode import LabelSpec, load_class_map
-from vitscale.data.shard_tools import check_shards, describe_plan, write_check_index, write_from_source
+from vitscale.data.shard_tools import (SKIPPED_SOURCES, check_shards, describe_plan, write_check_index,
+                                      write_from_source)
 from vitscale.data.shards import INDEX_NAME, index_path_for
 from vitscale.errors import DataError
 
@@ -30,6 +31,12 @@ def add_arguments(parser) -> None:
     write.add_argument("--multi-label", action="store_true", help="write .json label lists instead of .cls")
     write.add_argument("--class-map", default="", help="names -> ids for manifests with class names")
     write.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    write.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                       help="keep the source order (default: shuffled, so shards mix classes)")
+    write.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    write.add_argument("--skip-bad", action="store_true",
+                       help="leave out unreadable images and bad labels, listed in OUT_DIR/skipped_sources.jsonl "
+                            "(default: stop at the first, naming it, and write nothing)")
     check = sub.add_parser("check", help="count samples, decode every image, validate labels, write _info.json")
     check.add_argument("shards", help="brace pattern, directory or .txt manifest")
     check.add_argument("--num-classes", type=int, default=None, help="also check class ids are < this")
@@ -51,11 +58,16 @@ def run(args) -> int:
 def run_write(args) -> int:
     if args.max_count <= 0:
         raise DataError("--max-count must be > 0")
-    pattern, count = write_from_source(args.source, args.out_dir, prefix=args.prefix, max_count=args.max_count,
-                                       max_bytes=int(args.max_bytes) if args.max_bytes else None,
-                                       multi_label=args.multi_label, workers=args.workers,
-                                       class_map=load_class_map(args.class_map))
-    print(f"wrote {count} samples to {pattern} (index: {args.out_dir / INDEX_NAME})")
+    pattern, count, skipped = write_from_source(
+        args.source, args.out_dir, prefix=args.prefix, max_count=args.max_count,
+        max_bytes=int(args.max_bytes) if args.max_bytes else None, multi_label=args.multi_label,
+        workers=args.workers, class_map=load_class_map(args.class_map), shuffle=args.shuffle, seed=args.seed,
+        skip_bad=args.skip_bad)
+    order = f"shuffled with seed {args.seed}" if args.shuffle else "in source order"
+    print(f"wrote {count} samples {order} to {pattern} (index: {args.out_dir / INDEX_NAME})")
+    if skipped:
+        print(f"left out {len(skipped)} bad source files, listed in {args.out_dir / SKIPPED_SOURCES}, e.g. "
+              f"{skipped[0].line()}")
     return 0
 
 

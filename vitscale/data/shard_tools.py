@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from vitscale.data import plan as planning
@@ -82,42 +83,88 @@ def sample_key(relative: Path) -> str:
     return str(relative.with_suffix("")).replace(os.sep, "__").replace(".", "_")
 
 
-def _load_record(args: tuple[SourceItem, bool, dict | None]) -> dict:
+@dataclass(frozen=True)
+class BadSource:
+    """A source file that cannot become a sample (returned, not raised, from the worker pool)."""
+
+    path: str
+    reason: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.path}: {self.reason}: {self.detail}"
+
+
+def _load_record(args: tuple[SourceItem, bool, dict | None]) -> dict | BadSource:
     item, multi_label, class_map = args
     try:
         data = Path(item.path).read_bytes()
     except OSError as error:
-        raise DataError(f"cannot read {item.path}: {error}") from None
-    decode_image(data)  # refuse unreadable images now, not during training
+        return BadSource(item.path, "unreadable_file", str(error))
+    try:
+        decode_image(data)  # refuse unreadable images now, not during training
+    except SampleError as error:
+        return BadSource(item.path, error.reason, error.detail)
     ext = Path(item.path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
-    ids = [class_map[v] if isinstance(v, str) and class_map is not None else v for v in item.labels]
+    ids = [class_map[v] if isinstance(v, str) and class_map is not None and v in class_map else v
+           for v in item.labels]
     if any(isinstance(i, str) for i in ids):
-        raise DataError(f"{item.path}: label {ids} is a name; pass --class-map or use integer ids")
+        return BadSource(item.path, "bad_label", f"label {ids} is a name; pass --class-map with it or use ids")
     if multi_label:
         return {"__key__": item.key, ext: data, "json": json.dumps(ids).encode()}
     if len(ids) != 1:
-        raise DataError(f"{item.path} has {len(ids)} labels; use --multi-label for several labels per image")
+        return BadSource(item.path, "bad_label", f"{len(ids)} labels; use --multi-label for several per image")
     return {"__key__": item.key, ext: data, "cls": str(ids[0]).encode()}
 
 
+SKIPPED_SOURCES = "skipped_sources.jsonl"
+
+
 def write_from_source(source: Path, out_dir: Path, *, prefix: str, max_count: int, max_bytes: int | None,
-                      multi_label: bool, workers: int, class_map: dict | None = None) -> tuple[str, int]:
+                      multi_label: bool, workers: int, class_map: dict | None = None, shuffle: bool = True,
+                      seed: int = 0, skip_bad: bool = False) -> tuple[str, int, list[BadSource]]:
+    """-> (shard pattern, samples written, skipped sources). Shuffled (seeded) by default: a class
+    folder listed in order would give one class per shard, and a shuffle buffer cannot undo it.
+    A bad source stops the write (nothing is left behind) unless `skip_bad`: then it is listed
+    in OUT_DIR/skipped_sources.jsonl and the rest is written."""
     if source.is_dir():
         items, classes = folder_items(source)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
     else:
-        items = manifest_items(source)
+        items, classes = manifest_items(source), None
     keys = collections.Counter(item.key for item in items)
     duplicates = [k for k, n in keys.items() if n > 1]
     if duplicates:
         raise DataError(f"duplicate sample keys, e.g. {duplicates[0]!r}: give the files distinct names")
+    if shuffle:
+        items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+    skipped: list[BadSource] = []
+
+    def good_records(results):
+        for result in results:
+            if isinstance(result, BadSource):
+                if not skip_bad:
+                    raise DataError(f"{result.line()}; nothing was written: fix or remove the file, or pass "
+                                    f"--skip-bad to leave such files out (listed in {SKIPPED_SOURCES})")
+                skipped.append(result)
+                continue
+            yield result
+
     jobs = [(item, multi_label, class_map) for item in items]
-    with ProcessPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="writing", unit="img") as bar:
-        records = pool.map(_load_record, jobs, chunksize=16)  # ordered: deterministic shards
-        pattern, _ = write_shards(records, out_dir, prefix=prefix, max_count=max_count, max_bytes=max_bytes,
-                                  progress=bar)
-    return pattern, len(items)
+    pool = ProcessPoolExecutor(max(1, workers))
+    try:
+        with tqdm(total=len(items), desc="writing", unit="img") as bar:
+            results = pool.map(_load_record, jobs, chunksize=16)  # ordered: deterministic shards
+            pattern, _ = write_shards(good_records(results), out_dir, prefix=prefix, max_count=max_count,
+                                      max_bytes=max_bytes, progress=bar)
+    finally:
+        pool.shutdown(cancel_futures=True)  # a stop does not wait for the rest of the decodes
+    if classes is not None:
+        (out_dir / "classes.json").write_text(json.dumps(classes, indent=1))
+    report = out_dir / SKIPPED_SOURCES
+    if skipped:
+        report.write_text("".join(json.dumps({"path": b.path, "reason": b.reason, "detail": b.detail}) + "\n"
+                                  for b in skipped))
+    return pattern, len(items) - len(skipped), skipped
 
 
 # ---------------------------------------------------------------------------------------------
