@@ -630,7 +630,7 @@ def load_checkpoint(t: Trainer, path: Path, saved: dict[str, Any]) -> None:
         import numpy as np
 
         np.random.seed(seed % 2**32)
-    t.loader.load_state_dict(loader_state)
+    t.loader.load_state_dict(loader_state, t.config.data.resume)
     t.state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
     resharded = f" (written by {saved['world_size']} ranks, resharded for {world})" if saved["world_size"] != world else ""
     t.say(f"resumed from {path} at step {t.state.step}{resharded}")

@@ -35,6 +35,10 @@ class DataConfig:
     allow_shell: bool = False
     # When shards < ranks x workers: split shards between readers at sample level, or refuse.
     few_shards: Literal["rebalance", "refuse"] = "rebalance"
+    # Resuming a checkpoint: "exact" continues its data position (every sample of the epoch
+    # once; refused if a setting that orders samples changed), "reset" keeps model and optimizer
+    # and starts a fresh epoch (after the shards were rewritten, or the shuffle changed).
+    resume: Literal["exact", "reset"] = "exact"
     # Corrupt input: tolerant (skip, count, record in the ledger) or strict (stop, naming it).
     strict: bool = False
     # Ledger of skipped samples (JSON lines). Empty: <run dir>/skipped_samples.rankNNNNN.jsonl

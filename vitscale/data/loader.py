@@ -18,6 +18,7 @@ mask so that a step's loss and gradient average over the real samples of the glo
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,11 +33,11 @@ from vitscale.data import plan as planning
 from vitscale.data.config import DataConfig
 from vitscale.data.decode import Augment, LabelSpec, SampleError, decode_target, image_bytes, load_class_map
 from vitscale.data.mixing import mix_batch, soft_targets
-from vitscale.data.shards import ShardProblem, expand_shards, iter_shard, shard_sample_counts
+from vitscale.data.shards import ShardProblem, expand_shards, iter_shard, shard_name, shard_sample_counts
 from vitscale.errors import ConfigError, DataError
 from vitscale.signals import ignore_in_worker
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -339,23 +340,34 @@ class _RankLoader:
     def _topology_record(self) -> dict:
         return self.stream.spec.topology.to_dict()
 
-    def state_dict(self) -> dict:
+    def order_settings(self) -> dict:
+        """Everything that decides which sample comes when: a resume must find them unchanged."""
         spec = self.stream.spec
-        return {"version": STATE_VERSION, "seed": spec.seed, "shards": len(spec.urls),
-                "samples_per_epoch": int(sum(spec.counts)), "epoch": self.epoch, "history": list(self.history),
-                "current": {**self._topology_record(), "batches": self.batches_done},
+        return {"seed": spec.seed, "shards": shard_list_digest(spec.urls, spec.counts),
+                "samples_per_epoch": int(sum(spec.counts)), "shuffle_buffer": spec.buffer_size,
+                "shuffle_shards": spec.shuffle_shards, "resampled": spec.resampled, "pad": spec.pad}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "order": self.order_settings(), "epoch": self.epoch,
+                "history": list(self.history), "current": {**self._topology_record(), "batches": self.batches_done},
                 "skipped": self.skipped_samples()}
 
-    def load_state_dict(self, state: dict) -> None:
-        spec = self.stream.spec
+    def load_state_dict(self, state: dict, mode: str = "exact") -> None:
+        """mode "exact": continue the saved position (each sample of the epoch once); refused when
+        a setting that orders the samples changed. "reset": keep the counts, start a fresh epoch."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DataError("data loader state is missing or from another version; resume without it "
-                            "or use a checkpoint written by this version")
-        mine = {"seed": spec.seed, "shards": len(spec.urls), "samples_per_epoch": int(sum(spec.counts))}
-        theirs = {k: state.get(k) for k in mine}
-        if mine != theirs:
-            raise DataError(f"data loader state was saved for {theirs}, this run has {mine}: exact resume needs "
-                            f"the same shards and run.seed (start the data from scratch by not loading its state)")
+            raise DataError("data loader state is missing or from another version: resume with "
+                            "data.resume=reset (model and optimizer resume, the data starts a fresh epoch)")
+        if mode == "reset":
+            self.epoch, self.history, self.batches_done = int(state["epoch"]) + 1, [], 0
+            self._skipped_before, self._skipped_now = collections.Counter(state.get("skipped", {})), {}
+            return
+        mine, theirs = self.order_settings(), dict(state["order"])
+        changed = [f"{key} {theirs.get(key)!r} -> {value!r}" for key, value in mine.items() if theirs.get(key) != value]
+        if changed:
+            raise DataError(f"the data position was saved with other sample-order settings ({'; '.join(changed)}): "
+                            f"an exact resume would repeat or skip samples; restore them, or resume with "
+                            f"data.resume=reset to start a fresh epoch on the new data")
         current = dict(state["current"])
         batches = int(current.pop("batches"))
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
@@ -366,6 +378,13 @@ class _RankLoader:
             self.batches_done = 0
         self._skipped_before = collections.Counter(state.get("skipped", {}))
         self._skipped_now = {}
+
+
+def shard_list_digest(urls, counts) -> str:
+    """The shards by name and sample count, in order (not by path: data moved to another mount
+    resumes)."""
+    text = "\n".join(f"{shard_name(url)}\t{count}" for url, count in zip(urls, counts))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class TrainLoader(_RankLoader):
