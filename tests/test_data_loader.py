@@ -9,19 +9,20 @@ import json
 import pytest
 import torch
 
-from data_fixtures import write_uneven_shards
+from data_fixtures import digit_records, write_uneven_shards
 from vitscale.data import DataConfig, build_eval_loader, build_train_loader
 from vitscale.data.datasets import digits_arrays
+from vitscale.data.writer import write_shards
 from vitscale.errors import ConfigError, DataError
 
 MICRO = 4
 
 
-def make_loader(shards, *, rank, world, workers, buffer=8, seed=3, **cfg):
+def make_loader(shards, *, rank, world, workers, buffer=8, seed=3, share=None, **cfg):
     data = DataConfig(train_shards=shards, num_workers=workers, shuffle_buffer=buffer, **cfg)
     data.validate()
     return build_train_loader(data, micro_batch_size=MICRO, image_size=16, num_classes=12, rank=rank,
-                              world_size=world, seed=seed)
+                              world_size=world, seed=seed, share=share)
 
 
 def take(loader, count):
@@ -233,3 +234,47 @@ def test_multi_label_class_names_through_a_class_map(tmp_path):
                                     seed=0).batches())
     expected = {f"s{i}": [0.0, 1.0, float(i % 2)] for i in range(4)}
     assert {k: t.tolist() for k, t in zip(batch.keys, batch.targets)} == expected
+
+
+def test_ranks_plan_over_rank_zeros_shard_list_and_refuse_to_differ(tmp_path):
+    """Finding: without an index, a shard briefly missing on one node gave that rank 13 batches
+    and the others 15, and 12 of 120 samples were lost silently. Rank 0 now lists and counts for
+    every rank; a rank that cannot read a shard leaves counted holes, and plans that still differ
+    (another seed, settings) stop the job before the first step."""
+    from types import SimpleNamespace
+
+    from vitscale.train import check_ranks_agree_on_data
+
+    for shard in range(6):
+        write_shards(digit_records(range(shard * 20, shard * 20 + 20)), tmp_path, prefix=f"p{shard}", max_count=20)
+    (tmp_path / "_info.json").unlink()
+    pattern = str(tmp_path)
+    answers = []
+
+    def rank0_share(value):  # what broadcast_object does: every rank gets rank 0's value
+        if not answers:
+            answers.append(value)
+        return answers[0]
+
+    first = make_loader(pattern, rank=0, world=2, workers=0, share=rank0_share)
+    hidden = tmp_path / "p3-000000.tar"
+    hidden.rename(tmp_path / "away")  # rank 1's node (here: both, from now on) does not see it
+    second = make_loader(pattern, rank=1, world=2, workers=0, share=rank0_share)
+    assert first.steps_per_epoch == second.steps_per_epoch
+    seen, holes = collections.Counter(), 0
+    for loader in (first, second):
+        for batch in loader.batches():
+            seen.update(k for k, v in zip(batch.keys, batch.valid.tolist()) if v)
+            holes += int((~batch.valid).sum())
+            if loader.epoch == 1:
+                break
+    assert set(seen.values()) == {1} and len(seen) + holes == 120  # no padding: 120 = 2 ranks x 15 x 4
+    missing = sum(loader.skipped_samples().get("missing_shard", 0) for loader in (first, second))
+    assert missing == 120 - len(seen) == 20
+
+    comm = SimpleNamespace(all_gather_object=lambda value: [value, "another plan"])
+    trainer = SimpleNamespace(loader=first, engine=SimpleNamespace(comm=comm))
+    with pytest.raises(DataError, match=r"ranks \[1\] plan another data epoch"):
+        check_ranks_agree_on_data(trainer)
+    comm.all_gather_object = lambda value: [value, value]
+    check_ranks_agree_on_data(trainer)

@@ -259,7 +259,7 @@ def test_at_most_one_host_sync_per_non_logging_step(tmp_path, monkeypatch, singl
     args.overrides.append(f"data.train_shards={REPO / 'configs' / 'demo.yaml'}")
     prepared = train.prepare(args)
 
-    def loader(config, launch):
+    def loader(config, launch, comm=None):
         return SyntheticLoader(rank=0, world_size=1, micro=8, global_batch=16)
 
     assert train.main_job(prepared, build_loader=loader) == 0

@@ -31,7 +31,7 @@ sys.path.insert(0, {tests!r})
 import vitscale.train as train
 from test_train import SyntheticLoader
 
-def loader(config, launch):
+def loader(config, launch, comm=None):
     return SyntheticLoader(rank=launch.rank, world_size=launch.world_size, micro=config.engine.micro_batch_size,
                            global_batch=config.engine.global_batch_size)
 

@@ -48,10 +48,10 @@ from vitscale.config import Config, add_config_arguments, load_config, save_conf
 from vitscale.engine import Engine, Launch, build_engine, set_learning_rate, start_process_group
 from vitscale.engine import checkpoint as ckpt
 from vitscale.engine import faults
-from vitscale.engine.distributed import is_collective_failure, stop_process_group
+from vitscale.engine.distributed import Communicator, is_collective_failure, stop_process_group
 from vitscale.engine.ds_config import deepspeed_config, read_ds_json, resolve_zero_stage
 from vitscale.engine.optim import learning_rate
-from vitscale.errors import CheckpointError, ConfigError, VitscaleError
+from vitscale.errors import CheckpointError, ConfigError, DataError, VitscaleError
 from vitscale.objectives import build_backward, build_objective
 
 
@@ -181,13 +181,26 @@ def build_model(config: Config, objective: Any) -> nn.Module:
     return model
 
 
-def build_dataloader(config: Config, launch: Launch):
+def build_dataloader(config: Config, launch: Launch, comm: Communicator):
     from vitscale.data import build_train_loader
 
     return build_train_loader(config.data, micro_batch_size=config.engine.micro_batch_size,
                               image_size=config.model.image_size, num_classes=config.model.num_classes,
                               rank=launch.rank, world_size=launch.world_size, seed=config.run.seed,
-                              run_dir=config.run.directory)
+                              run_dir=config.run.directory, share=comm.broadcast_object)
+
+
+def check_ranks_agree_on_data(t: "Trainer") -> None:
+    """Every rank must plan the same epoch (shards, counts, seed, order settings, topology,
+    position): else they yield different batch counts or lose samples between their slices."""
+    digest = getattr(t.loader, "plan_digest", None)
+    if digest is None:  # a loader without a plan (synthetic data in tests)
+        return
+    every = t.engine.comm.all_gather_object(digest())
+    differing = [rank for rank, value in enumerate(every) if value != every[0]]
+    if differing:
+        raise DataError(f"ranks {differing} plan another data epoch than rank 0 (shard list, counts, seed, order "
+                        f"settings or position differ): give every rank the same config and shards")
 
 
 def build_evaluators(config: Config, launch: Launch) -> list[Any]:
@@ -658,7 +671,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
         saved_world = prepared.saved["world_size"] if prepared.saved else None
         engine = build_engine(config, model, comm, ds_config=prepared.ds_config, saved_world_size=saved_world)
         torch.manual_seed(config.run.seed * 1000 + 1 + launch.rank)  # dropout etc. differ per rank
-        loader = build_loader(config, launch)
+        loader = build_loader(config, launch, comm)
         from vitscale.metrics import TrainingMetrics
 
         metrics = TrainingMetrics(config.metrics, rank=launch.rank, local_rank=launch.local_rank,
@@ -671,6 +684,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
             trainer.log_file = open(config.run.directory / "log.jsonl", "a")
         if prepared.resume_from is not None:
             load_checkpoint(trainer, prepared.resume_from, prepared.saved)
+        check_ranks_agree_on_data(trainer)
         watchdog.beat()
         code = train(trainer)
         trainer.say(f"done: {faults.describe_exit(code)} at step {trainer.state.step}")

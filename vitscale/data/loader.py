@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -340,6 +340,13 @@ class _RankLoader:
     def _topology_record(self) -> dict:
         return self.stream.spec.topology.to_dict()
 
+    def plan_digest(self) -> str:
+        """Fingerprint of this rank's epoch plan: ranks that disagree would yield different numbers
+        of batches (a hang) or lose samples between their slices."""
+        plan = {"order": self.order_settings(), "topology": self._topology_record(), "epoch": self.epoch,
+                "history": self.history, "batches_done": self.batches_done, "steps": self.steps_per_epoch}
+        return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
     def order_settings(self) -> dict:
         """Everything that decides which sample comes when: a resume must find them unchanged."""
         spec = self.stream.spec
@@ -426,31 +433,34 @@ class EvalLoader(_RankLoader):
 
 
 def build_train_loader(data_cfg: DataConfig, *, micro_batch_size: int, image_size: int, num_classes: int,
-                       rank: int, world_size: int, seed: int, run_dir: str | Path | None = None) -> TrainLoader:
+                       rank: int, world_size: int, seed: int, run_dir: str | Path | None = None,
+                       share: Share | None = None) -> TrainLoader:
+    """`share` (the communicator's broadcast_object): rank 0 alone lists and counts the shards
+    and every rank uses its answer; without it each rank does so itself (one process, tests)."""
     spec = _stream_spec(data_cfg, data_cfg.train_shards, "data.train_shards", train=True,
                         micro_batch_size=micro_batch_size, image_size=image_size, num_classes=num_classes,
-                        rank=rank, world_size=world_size, seed=seed, run_dir=run_dir)
+                        rank=rank, world_size=world_size, seed=seed, run_dir=run_dir, share=share)
     return TrainLoader(ShardStream(spec), num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory,
                        prefetch_factor=data_cfg.prefetch_factor)
 
 
 def build_eval_loader(data_cfg: DataConfig, *, micro_batch_size: int, image_size: int, num_classes: int,
-                      rank: int, world_size: int, run_dir: str | Path | None = None) -> EvalLoader:
+                      rank: int, world_size: int, run_dir: str | Path | None = None,
+                      share: Share | None = None) -> EvalLoader:
     spec = _stream_spec(data_cfg, data_cfg.eval_shards, "data.eval_shards", train=False,
                         micro_batch_size=micro_batch_size, image_size=image_size, num_classes=num_classes,
-                        rank=rank, world_size=world_size, seed=0, run_dir=run_dir)
+                        rank=rank, world_size=world_size, seed=0, run_dir=run_dir, share=share)
     return EvalLoader(ShardStream(spec), num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory,
                       prefetch_factor=data_cfg.prefetch_factor)
 
 
 def _stream_spec(cfg: DataConfig, shards: str, key: str, *, train: bool, micro_batch_size: int, image_size: int,
-                 num_classes: int, rank: int, world_size: int, seed: int, run_dir) -> StreamSpec:
+                 num_classes: int, rank: int, world_size: int, seed: int, run_dir, share: Share | None) -> StreamSpec:
     if not 0 <= rank < world_size:
         raise ConfigError("", f"rank {rank} outside world size {world_size}", "check the launcher's environment")
-    urls = expand_shards(shards, allow_shell=cfg.allow_shell, key=key)
     topology = planning.Topology(world_size, max(1, cfg.num_workers), micro_batch_size)
+    urls, counted = _list_and_count(shards, key, cfg, share, rank)
     check_shard_count(len(urls), topology, cfg.few_shards, key)
-    counted = shard_sample_counts(urls, cfg.index)
     counts = counted.counts
     if sum(counts) == 0:
         raise DataError(f"{key}: the shards hold no samples (check them with `vitscale shards check`)")
@@ -464,6 +474,32 @@ def _stream_spec(cfg: DataConfig, shards: str, key: str, *, train: bool, micro_b
                       cfg.resampled and train, cfg.strict, ledger_path(cfg, run_dir, rank, train),
                       mixup_alpha=cfg.mixup_alpha if train else 0.0, cutmix_alpha=cfg.cutmix_alpha if train else 0.0,
                       counting_problems=tuple(counted.problems))
+
+
+Share = Callable[[Any], Any]
+
+
+def _list_and_count(shards: str, key: str, cfg: DataConfig, share: Share | None, rank: int):
+    """(urls, ShardCounts): on rank 0 when shared, so every rank plans over the same shard list and
+    counts (a shard briefly missing on one node is then a counted hole there, not another plan),
+    and the index is read once per job instead of once per rank."""
+    if share is None:
+        urls = expand_shards(shards, allow_shell=cfg.allow_shell, key=key)
+        return urls, shard_sample_counts(urls, cfg.index)
+    answer: tuple | str | None = None
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            urls = expand_shards(shards, allow_shell=cfg.allow_shell, key=key)
+            answer = (urls, shard_sample_counts(urls, cfg.index))
+        except (ConfigError, DataError) as error:
+            answer, failure = str(error), error  # every rank stops with rank 0's message
+    answer = share(answer)
+    if failure is not None:
+        raise failure
+    if isinstance(answer, str):
+        raise DataError(f"on rank 0: {answer}")
+    return answer
 
 
 def check_shard_count(num_shards: int, topology: planning.Topology, policy: str, key: str) -> None:

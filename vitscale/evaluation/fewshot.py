@@ -219,23 +219,26 @@ class FewShotEvaluator:
                    shots=tuple(section.shots), micro_batch_size=section.micro_batch_size,
                    max_test_images=section.max_test_images, l2_reg=section.l2_reg, every=section.every)
 
-    def loader(self, shards: str):
+    def loader(self, shards: str, share=None):
+        """Every rank reads all of it; with `share`, over rank 0's shard list and counts, so all
+        ranks score the same number of batches (their forwards may be collective)."""
         from vitscale.data import build_eval_loader
 
         data = dataclasses.replace(self.data, eval_shards=shards, multi_label=False)
         return build_eval_loader(data, micro_batch_size=self.micro_batch_size, image_size=self.image_size,
-                                 num_classes=self.num_classes, rank=0, world_size=1)
+                                 num_classes=self.num_classes, rank=0, world_size=1, share=share)
 
     def run(self, engine, beat) -> dict[str, float]:
         """In the loop: every rank scores the whole few-shot data (ZeRO-3's and FSDP2's forward is
         collective; elsewhere it keeps the ranks in step for the next collective)."""
         beat()
         with engine.autocast():
-            values = self.evaluate(engine.module, device=engine.device)
+            values = self.evaluate(engine.module, device=engine.device, share=engine.comm.broadcast_object)
         beat()
         return values
 
-    def evaluate(self, model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, float]:
-        return fewshot_accuracy(model, self.loader(self.train_shards), self.loader(self.test_shards),
+    def evaluate(self, model: torch.nn.Module, device: torch.device | str | None = None, share=None
+                 ) -> dict[str, float]:
+        return fewshot_accuracy(model, self.loader(self.train_shards, share), self.loader(self.test_shards, share),
                                 shots=self.shots, l2_reg=self.l2_reg, max_test_images=self.max_test_images,
                                 num_classes=self.num_classes, device=device)

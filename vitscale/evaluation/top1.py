@@ -87,7 +87,7 @@ class TopOneEvaluation:
         config = self.config
         loader = build_eval_loader(config.data, micro_batch_size=config.engine.micro_batch_size,
                                    image_size=config.model.image_size, num_classes=config.model.num_classes,
-                                   rank=self.rank, world_size=self.world_size)
+                                   rank=self.rank, world_size=self.world_size, share=engine.comm.broadcast_object)
         with engine.autocast():
             return evaluate_top1(engine.module, loader, device=engine.device, dtype=engine.input_dtype,
                                  reduce=engine.comm.host_reduce, beat=beat)
