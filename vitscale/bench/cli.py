@@ -3,6 +3,7 @@
     vitscale bench attention [--quick] [--save-choices]   # TFLOP/s per attention backend at ViT shapes
     vitscale bench train --model B/16 [--modes eager]     # vitscale vs timm train steps, images/s, MFU
     vitscale bench data ...                               # the input pipeline (vitscale.data.bench)
+    vitscale bench replay [--samples N --world-size R]    # resume replay time and memory at scale
     vitscale bench all [--quick]                          # all three with their defaults
 
 Benchmarks are never run as timed assertions in tests; numbers vary with the machine's load.
@@ -19,6 +20,7 @@ SUB_BENCHMARKS = {
     "attention": ("vitscale.bench.attention", "TFLOP/s of each attention backend at ViT shapes"),
     "train": ("vitscale.bench.train", "full train steps: vitscale vs timm, eager and compiled"),
     "data": ("vitscale.data.bench", "input pipeline throughput (shards -> decoded batches)"),
+    "replay": ("vitscale.data.replay_bench", "resume after a topology change: replay time and memory at scale"),
 }
 
 

@@ -80,15 +80,20 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         self.spec = spec
         self.epoch, self.history, self.skip_batches = 0, [], 0
+        self._plan: tuple[tuple, planning.EpochPlan] | None = None
 
     def configure(self, epoch: int, history: list[dict], batches_done: int) -> "ShardStream":
         self.epoch, self.history, self.skip_batches = epoch, list(history), batches_done
         return self
 
     def plan(self) -> planning.EpochPlan:
-        spec = self.spec
-        return planning.plan_epoch(self.num_samples(), epoch=self.epoch, topology=spec.topology, seed=spec.seed,
-                                   buffer_size=spec.buffer_size, history=self.history, pad=spec.pad)
+        """Computed in the main process and kept: DataLoader workers inherit it (no replay each)."""
+        spec, key = self.spec, (self.epoch, repr(self.history))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = key, planning.plan_epoch(self.num_samples(), epoch=self.epoch, topology=spec.topology,
+                                                  seed=spec.seed, buffer_size=spec.buffer_size,
+                                                  history=self.history, pad=spec.pad)
+        return self._plan[1]
 
     def num_samples(self) -> int:
         return int(np.asarray(self.spec.counts)[self.shard_order()].sum())
@@ -107,8 +112,7 @@ class ShardStream(IterableDataset):
         counts = [r.batches for r in rank_readers]
         # The DataLoader starts its round-robin at worker 0; after a resume the next batch is due
         # from reader `first`, so worker i plays reader (i + first) % workers.
-        order = planning.interleave(counts)
-        first = order[self.skip_batches][0] if self.skip_batches < len(order) else 0
+        first = planning.next_worker(counts, self.skip_batches)
         worker = ((info.id if info is not None else 0) + first) % len(rank_readers)
         reader = rank_readers[worker]
         done = planning.consumed_per_worker(counts, self.skip_batches)[worker]
@@ -127,6 +131,7 @@ class ReaderRun:
         self.shard_urls = [spec.urls[i] for i in order]
         counts = np.asarray(spec.counts)[order]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
+        self.ids = plan.reader_ids(reader)  # sample id per slot, -1 for padding
         self.emit = plan.reader_order(reader, spec.buffer_size, spec.seed)[batches_done * spec.topology.micro_batch:]
         self.first_batch = batches_done
         self.skipped: collections.Counter = collections.Counter()
@@ -154,8 +159,8 @@ class ReaderRun:
         """(slot, raw sample or problem) in slot order, opening each shard as few times as needed."""
         current, offset, samples = -1, 0, iter(())
         for slot in slots:
-            sample_id, is_pad = self.plan.sample_at(self.reader.start + int(slot))
-            if is_pad:  # padding is not read
+            sample_id = int(self.ids[slot])
+            if sample_id < 0:  # padding is not read
                 yield int(slot), None
                 continue
             shard = self._shard_of(sample_id)
@@ -181,11 +186,10 @@ class ReaderRun:
 
     def prepare(self, slot: int, item: dict | ShardProblem):
         """(image, target, key) of a real sample, or a Hole for a padding slot or a skipped sample."""
-        position = self.reader.start + slot
-        sample_id, is_pad = self.plan.sample_at(position)
-        if is_pad:  # a repeat that only keeps batch counts equal: never decoded, never trained on
+        sample_id = int(self.ids[slot])
+        if sample_id < 0:  # padding keeps batch counts equal: never read, never trained on
             return Hole("")
-        seed = sample_seed(self.spec.seed, self.plan.epoch, sample_id, -1)
+        seed = sample_seed(self.spec.seed, self.plan.epoch, sample_id)
         if isinstance(item, ShardProblem):
             key = item.key or f"#{sample_id - int(self.shard_starts[self._shard_of(sample_id)])}"
             return self.skip(item.reason, item.shard, key, item.detail)
@@ -265,9 +269,9 @@ def append_ledger(path: str | None, record: dict) -> None:
             ledger.write(json.dumps(record) + "\n")
 
 
-def sample_seed(seed: int, epoch: int, sample_id: int, pad_position: int) -> int:
+def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     """Augmentation seed of one sample in one epoch: independent of rank, worker and resume."""
-    return int(np.random.SeedSequence([seed, epoch, sample_id, pad_position + 1]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, epoch, sample_id, 0]).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +326,7 @@ class _RankLoader:
     def _segment(self) -> Iterator[Batch]:
         """The rest of the current epoch segment, in the order the DataLoader yields it."""
         stream = self.stream.configure(self.epoch, self.history, self.batches_done)
+        stream.plan()  # here, once: the workers inherit it
         kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, worker_init_fn=ignore_in_worker, **kwargs)
