@@ -66,3 +66,5 @@ def test_all_quick_runs_every_benchmark(tmp_path, monkeypatch):
         assert json.loads((tmp_path / f"{name}.json").read_text())["rows"]
     if bench_cli._module("data") is not None:
         assert json.loads((tmp_path / "data.json").read_text())
+    replay = json.loads((tmp_path / "replay.json").read_text())
+    assert replay["samples"] == 1_000_000 and 0 < replay["samples_left"] < 1_000_000

@@ -4,7 +4,7 @@
     vitscale bench train --model B/16 [--modes eager]     # vitscale vs timm train steps, images/s, MFU
     vitscale bench data ...                               # the input pipeline (vitscale.data.bench)
     vitscale bench replay [--samples N --world-size R]    # resume replay time and memory at scale
-    vitscale bench all [--quick]                          # all three with their defaults
+    vitscale bench all [--quick]                          # all of them with their defaults
 
 Benchmarks are never run as timed assertions in tests; numbers vary with the machine's load.
 """
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         module = _module(name)
         if module is not None:
             module.add_arguments(sub)
-    everything = benches.add_parser("all", help="attention, train and data with their defaults")
+    everything = benches.add_parser("all", help="every benchmark above with its defaults")
     everything.add_argument("--quick", action="store_true", help="small shapes and few steps (CPU smoke run)")
     everything.add_argument("--json-dir", default="runs/bench", help="one JSON file per benchmark goes here")
 
@@ -78,6 +78,7 @@ QUICK_SETTINGS: dict[str, dict[str, object]] = {
     "attention": {},
     "train": dict(model="Ti/16", batch_size=4, steps=3, warmup=1, modes="eager"),
     "data": dict(images=16, sizes="imagenet", repeats=1),
+    "replay": dict(samples=1_000_000, world_size=256, baseline_samples=100_000),
 }
 
 
