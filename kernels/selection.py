@@ -103,9 +103,16 @@ def choose_backend(entries, *, device: str, dtype: str, head_dim: int, tokens: i
 
 def preferred_backend(q: torch.Tensor) -> str:
     """The backend `auto` uses for q (B, H, N, d): measured fastest, else SDPA; never fails."""
-    usable = [b for b in available_backends(q.device) if b != "math"]
-    choice = choose_backend(load_choices(), device=device_label(q.device), dtype=str(q.dtype).removeprefix("torch."),
-                            head_dim=q.shape[-1], tokens=q.shape[-2], training=q.requires_grad, usable=usable)
-    if choice == "triton" and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    return preferred_backend_for(q.device, str(q.dtype).removeprefix("torch."), head_dim=q.shape[-1],
+                                 tokens=q.shape[-2], training=q.requires_grad)
+
+
+def preferred_backend_for(device: torch.device, dtype: str, *, head_dim: int, tokens: int, training: bool) -> str:
+    usable = [b for b in available_backends(device) if b != "math"]
+    choice = choose_backend(load_choices(), device=device_label(device), dtype=dtype, head_dim=head_dim,
+                            tokens=tokens, training=training, usable=usable)
+    # The kernel's fp32 path has no tensor cores (and spills): fp32 goes to SDPA unless a config
+    # asks for triton by name.
+    if choice == "triton" and dtype not in ("float16", "bfloat16"):
         choice = None
     return choice or DEFAULT_BACKEND

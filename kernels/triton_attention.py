@@ -112,7 +112,7 @@ def _attn_fwd(Q, K, V, Out, LSE, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
               UPCAST: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head), streaming over all keys."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B x H x N x d passes 2^31 at eval batch sizes
     batch, head = bh // H, bh % H
     q_base = Q + batch * stride_qb + head * stride_qh
     k_base = K + batch * stride_kb + head * stride_kh
@@ -165,7 +165,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
                    UPCAST: tl.constexpr):
     """One program: dk, dv for BLOCK_N keys of one (batch, head), streaming over all queries.
     DO, DK, DV are contiguous (B, H, N, d); the stride_o* arguments are DO's, kept for symmetry."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B x H x N x d passes 2^31 at eval batch sizes
     batch, head = bh // H, bh % H
     q_base = Q + batch * stride_qb + head * stride_qh
     do_base = DO + bh * N_Q * HEAD_DIM
@@ -224,7 +224,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr):
     """One program: dq for BLOCK_M queries of one (batch, head), streaming over all keys."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B x H x N x d passes 2^31 at eval batch sizes
     batch, head = bh // H, bh % H
     q_base = Q + batch * stride_qb + head * stride_qh
     k_base = K + batch * stride_kb + head * stride_kh

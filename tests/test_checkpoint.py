@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 from test_engine_support import engine_digits, module_state, read_log, run_job, step_losses, tiny_args  # noqa: F401
 from vitscale.engine import checkpoint as ckpt
+from vitscale.engine.faults import EXIT_CHECKPOINT_FAILED
 from vitscale.errors import CheckpointError
 
 
@@ -165,3 +168,54 @@ def test_full_disk_and_kill_during_write_leave_previous_checkpoint_loadable(tmp_
     assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 8)
     trainer = json.loads((ckpt.checkpoint_dir(run_dir, 8) / "trainer.json").read_text())
     assert trainer["step"] == 8 and trainer["world_size"] == 2
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 384 KB filesystem: a config and a log fit, no checkpoint of the tiny job does."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["deepspeed", "fsdp2"])
+def test_a_real_full_disk_fails_each_save_cleanly_on_every_rank(tmp_path, engine_digits, small_tmpfs, kind):
+    """Finding: a full tmpfs crashed every rank at the save (torch.save raises RuntimeError on
+    ENOSPC; only OSError was caught, and the injected fault raised OSError)."""
+    run_dir = small_tmpfs / "run"
+    args = tiny_args(run_dir, engine_digits, "run.steps=4", "engine.checkpoint_every=2", f"engine.kind={kind}")
+    job = run_job(args, tmp_path / "logs", expect=None, timeout=200)
+    assert job.codes == [EXIT_CHECKPOINT_FAILED] * 2, job.output()
+    assert "step 2: checkpoint FAILED" in job.output(0) and "step 4: checkpoint FAILED" in job.output(0)
+    for rank in (0, 1):
+        assert "Traceback" not in job.stderr(rank), job.stderr(rank)
+    assert "No space left on device" in job.stderr(0) + job.stderr(1)
+    assert [r["checkpoint_ok"] for r in read_log(run_dir) if "checkpoint_ok" in r] == [False, False]
+    assert ckpt.latest_complete(run_dir) is None
+    assert not ckpt.checkpoint_dir(run_dir, 2).exists()  # the failed save's files were removed
+
+
+@pytest.mark.parametrize("damage", ["cut optimizer part", "missing rank state"])
+def test_a_damaged_part_of_rank_1_stops_every_rank_naming_file_and_rank(tmp_path, engine_digits, damage):
+    """Finding: a truncated or missing file of rank 1 made rank 1 exit 2 silently and rank 0 print
+    "resumed..." and then a false "a collective timed out after 120 s"."""
+    run_dir = tmp_path / "run"
+    run_job(tiny_args(run_dir, engine_digits, "run.steps=2"), tmp_path / "logs_first")
+    saved = ckpt.checkpoint_dir(run_dir, 2)
+    if damage == "cut optimizer part":
+        (part,) = saved.glob("*zero_pp_rank_1_*optim_states.pt")
+        os.truncate(part, part.stat().st_size // 2)
+    else:
+        part = ckpt.rank_state_path(saved, 1)
+        part.unlink()
+    job = run_job(tiny_args(run_dir, engine_digits, "run.steps=4"), tmp_path / "logs_resume", expect=None,
+                  timeout=120)
+    assert job.codes == [2, 2], job.output()
+    for rank in (0, 1):
+        lines = [line for line in job.stderr(rank).splitlines() if "error:" in line]
+        assert len(lines) == 1 and f"rank {rank}: error: rank 1: checkpoint file {part}" in lines[0], job.stderr(rank)
+        assert "timed out" not in job.output(rank) and "resumed from" not in job.output(rank)

@@ -118,6 +118,30 @@ def test_rank_asleep_in_a_collective_ends_the_job_quickly(tmp_path, engine_digit
     assert "no progress for" in stacks and "maybe_inject" in stacks  # where it hung, from faulthandler
 
 
+def test_stopped_rank_ends_the_job_within_the_timeout_in_deepspeeds_own_groups(tmp_path, engine_digits):
+    """Finding: with one rank SIGSTOPped, rank 0 sat in DeepSpeed's ZeRO all-reduce (a group made
+    with new_group(ranks), so torch's 30-minute gloo default) for 636 s, until the watchdog."""
+    from vitscale.engine.distributed import apply_timeout_to_new_groups  # noqa: F401  (the fix)
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, engine_digits, "run.steps=400", "engine.collective_timeout_seconds=10",
+                     "engine.watchdog_seconds=600", "run.log_every=1")
+    job = Ranks(args, logs=tmp_path / "logs")
+    try:
+        wait_for(lambda: any(r.get("step") == 3 for r in read_log(run_dir)), 180, "step 3")
+        job.procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        while job.procs[0].poll() is None and time.monotonic() - stopped < 120:
+            time.sleep(0.2)
+        ended_after = time.monotonic() - stopped
+    finally:
+        job.procs[1].send_signal(signal.SIGCONT)
+        job.kill()
+    assert job.procs[0].returncode == faults.EXIT_HUNG, job.output(0)
+    assert ended_after < 10 + 30, ended_after
+    assert "a collective timed out" in job.stderr(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Invalid configs: one line each, before any process group.
 

@@ -70,3 +70,29 @@ def test_choices_file_picks_the_measured_fastest(tmp_path, monkeypatch):
     assert pick(197, training=True) == "sdpa"
     path.write_text("not json")
     assert preferred_backend(torch.zeros(1, 2, 197, 64)) == "sdpa"
+
+
+def test_auto_backend_compiles_fullgraph_and_is_resolved_once_per_shape(tmp_path, monkeypatch):
+    """Finding: `auto` looked at the choices file (os.stat) on every attention call, so
+    torch.compile(fullgraph=True) failed and every layer graph-broke. It is now one choice per
+    shape per process, traced as a constant."""
+    from vitscale.model import ModelConfig, build_model
+    from vitscale.model import attention as attention_module
+
+    monkeypatch.setenv(selection.CHOICES_ENV, str(tmp_path / "choices.json"))
+    monkeypatch.setattr(attention_module, "_RESOLVED", {})
+    looked_up = []
+    real_load = selection.load_choices
+    monkeypatch.setattr(selection, "load_choices", lambda *a, **k: looked_up.append(1) or real_load(*a, **k))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="Ti/4", image_size=16, depth=2, width=32, heads=2, mlp_dim=64,
+                                    num_classes=10, attention_backend="auto"))
+    images = torch.randn(2, 3, 16, 16)
+    eager = model(images)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break would raise
+    torch.testing.assert_close(compiled(images), eager)
+    for _ in range(3):
+        model(images)
+    assert len(looked_up) == 1  # one shape: one look-up for the whole process
+    assert attention_module.resolved_backends() == {"cpu float32 d=16 n=17 train": "sdpa"}

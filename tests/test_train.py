@@ -184,6 +184,29 @@ def test_entry_points(tmp_path, engine_digits, launcher):
     assert '"world_size": ' + ("1" if launcher.startswith("vitscale") else "2") in trainer.read_text()
 
 
+def test_the_deepspeed_launcher_relays_a_ranks_exit_code(tmp_path, engine_digits):
+    """Bad data found after the process group started: every rank exits 2 with its rank in one
+    line, and `deepspeed` hands 2 to the shell (plain torchrun would say 1)."""
+    import os
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "x-000000.tar").write_text("not a tar archive\n" * 40)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    args = tiny_args(tmp_path / "run", (str(shards), ""), "run.steps=2")
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    result = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+                             str(REPO / "vitscale" / "train.py"), *args], env=env, cwd=REPO, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "rank 0: error: data.train_shards: the shards hold no samples" in output, output[-3000:]
+
+
 def test_demo_command_runs_the_main_job_under_torchrun(tmp_path):
     """`vitscale demo` end to end (shards -> launch/local_cpu.sh -> torchrun, 2 ranks, ZeRO-2 ->
     evaluation), shortened to 40 steps; the full 300 steps reach ~97% held-out accuracy."""

@@ -289,6 +289,7 @@ class Trainer:
     log_file: Any = None
     last_step_seconds: float = 0.0
     grace_warned: bool = False
+    backends_logged: bool = False
     forward_timer: ForwardTimer | None = None
     window_data_wait: float = 0.0  # data-wait seconds since the last logging step
 
@@ -423,6 +424,7 @@ def train(t: Trainer) -> int:
         if logging_step:
             rate = config.engine.global_batch_size * window_steps / max(time.perf_counter() - window_started, 1e-9)
             log_progress(t, values, rate)
+            log_attention_backends(t)
             record_rank_times(t, window_steps)
             window_started, window_steps = time.perf_counter(), 0
         run_due_evaluations(t, at_end=False)
@@ -433,6 +435,17 @@ def train(t: Trainer) -> int:
             save_checkpoint(t)
     run_due_evaluations(t, at_end=True)
     return faults.EXIT_OK if save_checkpoint(t) else faults.EXIT_CHECKPOINT_FAILED
+
+
+def log_attention_backends(t: Trainer) -> None:
+    """Once: what `attention_backend=auto` chose per shape (the same for the whole run)."""
+    from vitscale.model.attention import resolved_backends
+
+    backends = resolved_backends()
+    if backends and not t.backends_logged:
+        t.backends_logged = True
+        t.log({"step": t.state.step, "attention_backends": backends})
+        t.say("attention_backend=auto chose " + ", ".join(f"{b} for {shape}" for shape, b in backends.items()))
 
 
 def read_step_values(t: Trainer, result: StepResult) -> dict[str, float]:
@@ -622,6 +635,13 @@ def load_checkpoint(t: Trainer, path: Path, saved: dict[str, Any]) -> None:
     size the engine reshards its state exactly; the data position continues with the samples of
     the epoch not yet seen (each once), and the RNGs start afresh from the seed and step."""
     rank, world = t.launch.rank, t.launch.world_size
+    problems = t.engine.comm.all_gather_object(ckpt.part_problem(path, rank, world, saved["world_size"]))
+    damaged = [(r, problem) for r, problem in enumerate(problems) if problem]
+    if damaged:
+        first_rank, problem = damaged[0]
+        more = f" (and on {len(damaged) - 1} more ranks)" if len(damaged) > 1 else ""
+        raise CheckpointError(f"rank {first_rank}: {problem}{more}; restore it, or resume from an earlier "
+                              f"checkpoint with engine.resume=PATH")
     t.engine.load(path, saved_world_size=saved["world_size"])
     if saved["world_size"] == world:
         rank_state = ckpt.safe_torch_load(ckpt.rank_state_path(path, rank))
@@ -689,7 +709,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
         code = train(trainer)
         trainer.say(f"done: {faults.describe_exit(code)} at step {trainer.state.step}")
     except VitscaleError as error:
-        _print_error(error, launch)
+        _print_error(error, launch, every_rank=True)
         code = error.exit_code
     except Exception as error:  # noqa: BLE001 - only collective failures are handled here
         if not is_collective_failure(error):
@@ -711,9 +731,12 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
     return code
 
 
-def _print_error(error: VitscaleError, launch: Launch) -> None:
-    # One line per node is enough: the same config fails identically on every rank.
-    if launch.local_rank == 0:
+def _print_error(error: VitscaleError, launch: Launch, every_rank: bool = False) -> None:
+    """Config errors (before any process group) fail identically on every rank: one line per
+    node. Errors of the running job may be one rank's own: every rank prints, with its rank."""
+    if every_rank and launch.world_size > 1:
+        print(f"vitscale train: rank {launch.rank}: error: {error}", file=sys.stderr, flush=True)
+    elif launch.local_rank == 0:
         print(f"vitscale train: error: {error}", file=sys.stderr, flush=True)
 
 

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -221,3 +222,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def rank_state_path(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
+
+
+def part_problem(path: Path, rank: int, world_size: int, saved_world_size: int) -> str | None:
+    """What is wrong with the checkpoint files `rank` will read, before anything is loaded (so a
+    damaged part stops every rank at once instead of leaving peers in a collective): missing or
+    cut short. torch.save files are zip archives whose directory is at the end, so a cut one has
+    none; DCP shards must cover every byte range their metadata names."""
+    from vitscale.engine.torch_state import DCP_DIR
+
+    if saved_world_size == world_size:
+        files = [rank_state_path(path, rank)]
+        files += [f for f in sorted(path.glob("*.pt")) if f"rank_{rank}_" in f.name or f.name.startswith("mp_rank_")]
+    else:  # resharded: rank 0's data position and every old rank's skip counts are read
+        files = [rank_state_path(path, r) for r in range(saved_world_size)] if rank == 0 else []
+    for file in files:
+        problem = torch_file_problem(file)
+        if problem:
+            return problem
+    dcp = path / DCP_DIR
+    if rank == 0 and dcp.is_dir():
+        return dcp_problem(dcp)
+    return None
+
+
+def torch_file_problem(file: Path) -> str | None:
+    if not file.is_file():
+        return f"checkpoint file {file} is missing"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"checkpoint file {file} is damaged or cut short ({error})"
+    return None
+
+
+def dcp_problem(directory: Path) -> str | None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as error:  # noqa: BLE001 - any unreadable metadata is the same verdict
+        return f"checkpoint metadata {directory / '.metadata'} is unreadable ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = directory / name
+        if not file.is_file():
+            return f"checkpoint file {file} is missing"
+        if file.stat().st_size < size:
+            return f"checkpoint file {file} is cut short ({file.stat().st_size} of {size} bytes)"
+    return None

@@ -168,7 +168,19 @@ def start_process_group(config, launch: Launch) -> Communicator:
     timeout = timedelta(seconds=config.engine.collective_timeout_seconds)
     # DeepSpeed adopts a group that already exists, so every engine starts it the same way.
     dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    apply_timeout_to_new_groups(timeout)
     return Communicator(device, launch.world_size, distributed=True)
+
+
+def apply_timeout_to_new_groups(timeout: timedelta) -> None:
+    """Groups made later without a timeout (DeepSpeed's ZeRO and data-parallel groups are made
+    with `new_group(ranks)`) get torch's backend default, 30 min for gloo and 10 for NCCL, not the
+    world group's: a stopped rank would hold the job that long. torch reads those defaults from
+    two module globals when a group is made, so they are set to engine.collective_timeout_seconds."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def stop_process_group() -> None:

@@ -71,11 +71,33 @@ def _flash_attn(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def resolve_auto_backend(q: torch.Tensor, *, has_bias: bool, dropout_p: float) -> str:
-    """Pick a backend for this call. On CPU and for bias/dropout, SDPA; on CUDA, vitscale's
-    benchmarked preference (see `vitscale bench attention`), falling back to SDPA."""
-    if q.device.type != "cuda" or has_bias or dropout_p > 0:
-        return "sdpa"
-    from vitscale.kernels import preferred_backend
+# `auto`'s choice per (device, dtype, head dim, tokens, training), made once per process: the same
+# backend for the whole run (logged by the trainer), and no file look-up on the hot path.
+_RESOLVED: dict[tuple, str] = {}
 
-    return preferred_backend(q)
+
+def resolve_auto_backend(q: torch.Tensor, *, has_bias: bool, dropout_p: float) -> str:
+    """Pick a backend for this call: for bias/dropout, SDPA; else vitscale's benchmarked
+    preference for this device and shape (see `vitscale bench attention`), falling back to SDPA."""
+    if has_bias or dropout_p > 0:
+        return "sdpa"
+    return _auto_backend(q.device.type, q.device.index, str(q.dtype).removeprefix("torch."), q.shape[-1],
+                         q.shape[-2], q.requires_grad)
+
+
+@torch.compiler.assume_constant_result  # traced as its value: no graph break under torch.compile
+def _auto_backend(device_type: str, device_index: int | None, dtype: str, head_dim: int, tokens: int,
+                  training: bool) -> str:
+    key = (device_type, device_index, dtype, head_dim, tokens, training)
+    if key not in _RESOLVED:
+        from vitscale.kernels.selection import preferred_backend_for
+
+        _RESOLVED[key] = preferred_backend_for(torch.device(device_type, device_index), dtype, head_dim=head_dim,
+                                               tokens=tokens, training=training)
+    return _RESOLVED[key]
+
+
+def resolved_backends() -> dict[str, str]:
+    """What `auto` chose so far in this process, e.g. {"cuda:0 bfloat16 d=64 n=197 train": "triton"}."""
+    return {f"{t}{'' if i is None else f':{i}'} {dtype} d={d} n={n} {'train' if train else 'eval'}": backend
+            for (t, i, dtype, d, n, train), backend in _RESOLVED.items()}
