@@ -76,8 +76,11 @@ def test_auto_backend_compiles_fullgraph_and_is_resolved_once_per_shape(tmp_path
     """Finding: `auto` looked at the choices file (os.stat) on every attention call, so
     torch.compile(fullgraph=True) failed and every layer graph-broke. It is now one choice per
     shape per process, traced as a constant."""
+    import importlib
+
     from vitscale.model import ModelConfig, build_model
-    from vitscale.model import attention as attention_module
+
+    attention_module = importlib.import_module("vitscale.model.attention")  # the package exports the function
 
     monkeypatch.setenv(selection.CHOICES_ENV, str(tmp_path / "choices.json"))
     monkeypatch.setattr(attention_module, "_RESOLVED", {})

@@ -680,7 +680,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
     faults.set_context(rank=launch.rank)
     stops = signals.install_early()
     watchdog = faults.Watchdog(config.engine.watchdog_seconds, launch.rank).start()
-    metrics, trainer, code = None, None, faults.EXIT_FAILED
+    metrics, trainer, comm, code = None, None, None, faults.EXIT_FAILED
     try:
         comm = start_process_group(config, launch)
         if launch.rank == 0:
@@ -725,10 +725,26 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
             metrics.close()
         if trainer is not None and trainer.log_file is not None:
             trainer.log_file.close()
-        if code == faults.EXIT_HUNG:
-            os._exit(code)  # a peer may be gone: destroying the group could block on it
-        stop_process_group()
+        leave(code, comm)
     return code
+
+
+def leave(code: int, comm: Communicator | None) -> None:
+    """Tear down. After a normal end or an agreed stop every rank is here: they meet once more,
+    so that rank 0 (which hosts the group's store) leaves last, and destroy the group. After a
+    failure a peer may be gone or elsewhere: exit at once (a C++ destructor aborting on a dead
+    store would turn exit 2 into -6; a barrier could meet some other collective)."""
+    if code in (faults.EXIT_OK, faults.EXIT_STOPPED):
+        try:
+            if comm is not None:
+                comm.barrier()
+            stop_process_group()
+            return
+        except Exception:  # noqa: BLE001 - a peer died while leaving: the code stands
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _print_error(error: VitscaleError, launch: Launch, every_rank: bool = False) -> None:

@@ -36,6 +36,7 @@ def _distributed() -> bool:
 def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
     """Write model + optimizer; the first failure as text (DCP agrees on it over the ranks)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from vitscale.engine import faults
@@ -45,8 +46,8 @@ def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         faults.maybe_inject("checkpoint_write", path=directory / DCP_DIR)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR),
                  no_dist=not _distributed())
-    except Exception as error:  # noqa: BLE001 - ENOSPC reaches us as OSError, RuntimeError or CheckpointException
-        return _first_line(error)
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - ENOSPC comes as OSError, RuntimeError or
+        return _first_line(error)                       # CheckpointException (a BaseException: all ranks' errors)
     return None
 
 
@@ -101,5 +102,9 @@ def _local(tensor):
 
 
 def _first_line(error: BaseException) -> str:
+    failures = getattr(error, "failures", None)  # CheckpointException: {rank: its exception}
+    if isinstance(failures, dict) and failures:
+        rank, cause = sorted(failures.items())[0]
+        return f"rank {rank}: {_first_line(cause)}"
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
