@@ -36,6 +36,7 @@ import random
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -712,13 +713,15 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
         _print_error(error, launch, every_rank=True)
         code = error.exit_code
     except Exception as error:  # noqa: BLE001 - only collective failures are handled here
-        if not is_collective_failure(error):
-            raise
-        print(f"vitscale: rank {launch.rank}: a collective timed out or failed (engine.collective_timeout_seconds="
-              f"{config.engine.collective_timeout_seconds:g}): another rank hung or died "
-              f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})",
-              file=sys.stderr, flush=True)
-        code = faults.EXIT_HUNG
+        if is_collective_failure(error):
+            print(f"vitscale: rank {launch.rank}: a collective timed out or failed (engine.collective_timeout_seconds="
+                  f"{config.engine.collective_timeout_seconds:g}): another rank hung or died "
+                  f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})",
+                  file=sys.stderr, flush=True)
+            code = faults.EXIT_HUNG
+        else:
+            traceback.print_exc()  # here: leaving below skips Python's own report of the exception
+            code = faults.EXIT_FAILED
     finally:
         watchdog.stop()
         if metrics is not None:
