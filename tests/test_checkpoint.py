@@ -193,7 +193,10 @@ def test_a_real_full_disk_fails_each_save_cleanly_on_every_rank(tmp_path, engine
     assert "step 2: checkpoint FAILED" in job.output(0) and "step 4: checkpoint FAILED" in job.output(0)
     for rank in (0, 1):
         assert "Traceback" not in job.stderr(rank), job.stderr(rank)
-    assert "No space left on device" in job.stderr(0) + job.stderr(1)
+    # ENOSPC reads "No space left on device" from Python's writers, "basic_ios::clear: iostream error" from
+    # torch.save's C++ stream (which one a rank hits first depends on timing)
+    errors = job.stderr(0) + job.stderr(1)
+    assert "No space left on device" in errors or "iostream error" in errors, errors
     assert [r["checkpoint_ok"] for r in read_log(run_dir) if "checkpoint_ok" in r] == [False, False]
     assert ckpt.latest_complete(run_dir) is None
     assert not ckpt.checkpoint_dir(run_dir, 2).exists()  # the failed save's files were removed
