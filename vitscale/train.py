@@ -29,6 +29,7 @@ from vitscale import signals
 signals.install_early()  # before torch/DeepSpeed load: a SIGTERM/SIGUSR1 from now on is kept
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -738,13 +739,11 @@ def leave(code: int, comm: Communicator | None) -> None:
     failure a peer may be gone or elsewhere: exit at once (a C++ destructor aborting on a dead
     store would turn exit 2 into -6; a barrier could meet some other collective)."""
     if code in (faults.EXIT_OK, faults.EXIT_STOPPED):
-        try:
+        with contextlib.suppress(Exception):  # a peer died while leaving: exit below, the code stands
             if comm is not None:
                 comm.barrier()
             stop_process_group()
             return
-        except Exception:  # noqa: BLE001 - a peer died while leaving: the code stands
-            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
