@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -83,6 +84,44 @@ def test_loading_refuses_arbitrary_pickles(tmp_path):
     path.write_bytes(pickle.dumps({"x": 1})[:5])
     with pytest.raises(CheckpointError):
         ckpt.safe_torch_load(path)
+
+
+def test_manifest_finds_every_kind_of_damage_and_shares_cover_each_file_once(tmp_path):
+    from vitscale.engine import manifest
+
+    rng = np.random.default_rng(0)
+    files = []
+    for rank, size in ((0, 300_000), (0, 5), (1, 1 << 20), (1, 70_000)):
+        path = tmp_path / ("dcp" if size == 5 else ".") / f"part_{rank}_{size}.bin"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(rng.bytes(size))
+        files.append((rank, path))
+    for rank in (0, 1):
+        manifest.write_manifest(tmp_path, rank, [path for owner, path in files if owner == rank])
+    assert manifest.verify(tmp_path, 2) == []
+    import xxhash  # the manifest holds an independent digest of the same bytes
+
+    entry = json.loads(manifest.manifest_path(tmp_path, 0).read_text())["files"][files[0][1].name]
+    assert entry == {"bytes": 300_000, "xxh3_128": xxhash.xxh3_128(files[0][1].read_bytes()).hexdigest()}
+    expected = manifest.read_manifests(tmp_path, 2).files
+    assert sorted(expected) == sorted(path.relative_to(tmp_path).as_posix() for _, path in files)
+    for count in (1, 2, 3, 7):
+        shares = manifest.assign_shares(expected, count)
+        assert sorted(name for share in shares for name in share) == sorted(expected)
+        assert all(manifest.verify(tmp_path, 2, share=(index, count)) == [] for index in range(count))
+    # A flipped bit is found by exactly the share that digests the file; size and presence by share 0.
+    big = files[2][1]
+    damage_file(big, "flipped byte")
+    found = [manifest.verify(tmp_path, 2, share=(index, 3)) for index in range(3)]
+    assert sum(len(problems) for problems in found) == 1, found
+    assert f"checkpoint file {big} (written by rank 1) does not match its checksum" in sum(found, [])[0]
+    damage_file(files[0][1], "cut short")
+    damage_file(files[1][1], "missing")
+    manifest.manifest_path(tmp_path, 1).write_text("{not json")
+    problems = manifest.verify(tmp_path, 2)
+    assert any("manifest_rank_00001.json is unreadable" in p for p in problems), problems
+    assert any(f"{files[0][1]} (written by rank 0) has 150000 bytes, its manifest says 300000" in p for p in problems)
+    assert any(f"{files[1][1]} (written by rank 0) is missing" in p for p in problems)
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
@@ -202,23 +241,79 @@ def test_a_real_full_disk_fails_each_save_cleanly_on_every_rank(tmp_path, engine
     assert not ckpt.checkpoint_dir(run_dir, 2).exists()  # the failed save's files were removed
 
 
-@pytest.mark.parametrize("damage", ["cut optimizer part", "missing rank state"])
-def test_a_damaged_part_of_rank_1_stops_every_rank_naming_file_and_rank(tmp_path, engine_digits, damage):
+def damage_file(path, damage):
+    """One flipped byte in the middle, the second half cut off, or the file gone."""
+    if damage == "flipped byte":
+        with open(path, "r+b") as handle:
+            handle.seek(path.stat().st_size // 2)
+            byte = handle.read(1)
+            handle.seek(-1, os.SEEK_CUR)
+            handle.write(bytes([byte[0] ^ 0x10]))
+    elif damage == "cut short":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("kind,damage", [("deepspeed", "flipped byte"), ("deepspeed", "missing"),
+                                         ("fsdp2", "cut short")])
+def test_auto_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, engine_digits, kind, damage):
+    """A damaged file of rank 1 in the newest checkpoint: every rank learns of it before any
+    state is read, auto-resume names file, rank and problem, and resumes from the previous
+    checkpoint; the loss curve continues from there exactly as the first run's did."""
+    run_dir = tmp_path / "run"
+    run_job(tiny_args(run_dir, engine_digits, "run.steps=4", "engine.checkpoint_every=2", f"engine.kind={kind}"),
+            tmp_path / "logs_first")
+    first = step_losses(run_dir)
+    newest = ckpt.checkpoint_dir(run_dir, 4)
+    part = ckpt.rank_state_path(newest, 1) if damage == "missing" else \
+        next(newest.glob("*zero_pp_rank_1_*optim_states.pt")) if kind == "deepspeed" else \
+        next((newest / "dcp").glob("__1_*.distcp"))
+    damage_file(part, damage)
+    job = run_job(tiny_args(run_dir, engine_digits, "run.steps=4", "engine.checkpoint_every=2", f"engine.kind={kind}"),
+                  tmp_path / "logs_resume", timeout=180)
+    said = {"flipped byte": "does not match its checksum", "cut short": "has ", "missing": "is missing"}[damage]
+    lines = [line for line in job.stderr(0).splitlines() if "fails verification" in line]
+    assert len(lines) == 1 and f"checkpoint file {part} (written by rank 1) {said}" in lines[0], job.stderr(0)
+    assert "trying the previous one" in lines[0]
+    assert f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2" in job.output(0)
+    (record,) = [r for r in read_log(run_dir) if "resumed_from" in r]
+    assert record["rejected_checkpoints"] == [lines[0].split("checkpoint ", 1)[1].split("; trying")[0]]
+    resumed = [r for r in read_log(run_dir) if "loss" in r]
+    assert [r["step"] for r in resumed][-2:] == [3, 4]
+    assert [r["loss"] for r in resumed][-2:] == [first[3], first[4]]  # bitwise: the same floats
+    assert ckpt.latest_complete(run_dir) == newest and not manifest_problems(newest)  # saved whole again
+    (kept,) = ckpt.checkpoints_root(run_dir).glob("step_00000004.damaged-*")  # the damaged one, for inspection
+    assert (kept / part.relative_to(newest)).exists() != (damage == "missing")
+
+
+def manifest_problems(path):
+    from vitscale.engine import manifest
+
+    return manifest.verify(path, ckpt.read_complete(path)["manifests"])
+
+
+def test_resume_from_a_named_damaged_checkpoint_stops_every_rank_naming_file_and_rank(tmp_path, engine_digits):
     """Finding: a truncated or missing file of rank 1 made rank 1 exit 2 silently and rank 0 print
-    "resumed..." and then a false "a collective timed out after 120 s"."""
+    "resumed..." and then a false "a collective timed out after 120 s". engine.resume=PATH to a
+    damaged checkpoint is an error on every rank, never a fall-back."""
     run_dir = tmp_path / "run"
     run_job(tiny_args(run_dir, engine_digits, "run.steps=2"), tmp_path / "logs_first")
     saved = ckpt.checkpoint_dir(run_dir, 2)
-    if damage == "cut optimizer part":
-        (part,) = saved.glob("*zero_pp_rank_1_*optim_states.pt")
-        os.truncate(part, part.stat().st_size // 2)
-    else:
-        part = ckpt.rank_state_path(saved, 1)
-        part.unlink()
-    job = run_job(tiny_args(run_dir, engine_digits, "run.steps=4"), tmp_path / "logs_resume", expect=None,
-                  timeout=120)
+    (part,) = saved.glob("*zero_pp_rank_1_*optim_states.pt")
+    os.truncate(part, part.stat().st_size // 2)
+    job = run_job(tiny_args(tmp_path / "other", engine_digits, "run.steps=4", f"engine.resume={saved}"),
+                  tmp_path / "logs_resume", expect=None, timeout=120)
     assert job.codes == [2, 2], job.output()
     for rank in (0, 1):
         lines = [line for line in job.stderr(rank).splitlines() if "error:" in line]
-        assert len(lines) == 1 and f"rank {rank}: error: rank 1: checkpoint file {part}" in lines[0], job.stderr(rank)
+        assert len(lines) == 1, job.stderr(rank)
+        assert f"rank {rank}: error: {saved} fails verification: checkpoint file {part} (written by rank 1) has " \
+            in lines[0], lines[0]
         assert "timed out" not in job.output(rank) and "resumed from" not in job.output(rank)
+    # The command-line check says the same, and which checkpoint auto-resume would take (none).
+    checked = subprocess.run([sys.executable, "-m", "vitscale", "checkpoint", "verify", str(run_dir)],
+                             capture_output=True, text=True)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert f"{saved}: FAILED (1 problem)" in checked.stdout and str(part) in checked.stdout
+    assert "engine.resume=auto takes: none" in checked.stdout

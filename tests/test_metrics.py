@@ -116,8 +116,9 @@ def test_skipped_nan_checkpoint_eval_and_memory(metrics_factory):
     metrics.record_nan_skip()
     metrics.record_nan_skip()
     before = time.time()
-    metrics.record_checkpoint(12.5, ok=True)
+    metrics.record_checkpoint(12.5, ok=True, written_bytes=4096)
     metrics.record_checkpoint(3.0, ok=False)
+    metrics.record_rejected_checkpoints(2)
     metrics.record_eval({"top1": 0.625, "top5": 0.9})
     metrics.record_step(1, 1.0, 1e-4, 1.0, 8, 8, 0.1, 0.0, None)
     samples = scrape(metrics.port)
@@ -127,6 +128,8 @@ def test_skipped_nan_checkpoint_eval_and_memory(metrics_factory):
     assert value(samples, "vitscale_checkpoint_save_duration_seconds_sum") == 12.5
     assert value(samples, "vitscale_checkpoint_save_duration_seconds_count") == 1
     assert value(samples, "vitscale_checkpoint_save_failures_total") == 1
+    assert value(samples, "vitscale_checkpoint_written_bytes_total") == 4096
+    assert value(samples, "vitscale_checkpoint_verification_failures_total") == 2
     assert before <= value(samples, "vitscale_checkpoint_last_success_timestamp_seconds") <= time.time()
     assert value(samples, "vitscale_eval_result", metric="top1") == 0.625
     # CPU run: resident memory, checked against the kernel's own accounting (same order).

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vitscale.demo", "train a tiny ViT on a small real dataset on CPU (the README's demo)"),
     "shards": ("vitscale.data.cli", "write and check WebDataset shards"),
     "bench": ("vitscale.bench.cli", "benchmarks: attention, train step, data pipeline"),
+    "checkpoint": ("vitscale.engine.checkpoint_cli", "verify a checkpoint's files against its checksum manifests"),
     "export": ("vitscale.interop.export", "export a checkpoint's fp32 weights + config to safetensors"),
     "eval": ("vitscale.evaluation.cli", "few-shot and top-1 evaluation of a checkpoint"),
     "convert": ("vitscale.interop.cli", "convert timm / Hugging Face / big_vision .npz weights"),

@@ -49,16 +49,12 @@ from torch import nn
 from vitscale.config import Config, add_config_arguments, load_config, save_config
 from vitscale.engine import Engine, Launch, build_engine, set_learning_rate, start_process_group
 from vitscale.engine import checkpoint as ckpt
-from vitscale.engine import faults
+from vitscale.engine import faults, manifest
 from vitscale.engine.distributed import Communicator, is_collective_failure, stop_process_group
 from vitscale.engine.ds_config import deepspeed_config, read_ds_json, resolve_zero_stage
 from vitscale.engine.optim import learning_rate
 from vitscale.errors import CheckpointError, ConfigError, DataError, VitscaleError
 from vitscale.objectives import build_backward, build_objective
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line and pre-flight checks (no process group yet).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,8 +75,10 @@ class Prepared:
     config: Config
     ds_config: dict[str, Any]
     launch: Launch
-    resume_from: Path | None
-    saved: dict[str, Any] | None = None     # trainer.json of the checkpoint resumed from
+    # Checkpoints to resume from, in order of preference (auto: every complete one, newest
+    # first; the first that verifies is taken); explicit: engine.resume named the one to use.
+    resume_candidates: list[Path] = field(default_factory=list)
+    resume_explicit: bool = False
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
@@ -103,9 +101,13 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
         gradient_accumulation_steps(config.engine.global_batch_size, config.engine.micro_batch_size, launch.world_size)
     check_shards(config)
-    path = find_resume_checkpoint(config)
-    saved = check_resumable(read_trainer_state(path), config, path) if path is not None else None
-    return Prepared(config, ds, launch, path, saved)
+    candidates = find_resume_candidates(config)
+    if candidates:
+        # A config that cannot resume the newest checkpoint fails here, once per node; whether
+        # its files are whole is verified with every rank once the process group is up.
+        with contextlib.suppress(CheckpointError):
+            check_resumable(read_trainer_state(candidates[0]), config, candidates[0])
+    return Prepared(config, ds, launch, candidates, config.engine.resume.strip() not in ("auto", "never"))
 
 
 def check_shards(config: Config) -> None:
@@ -123,14 +125,67 @@ def check_shards(config: Config) -> None:
                               "fix the path or pattern; `vitscale shards write` makes shards")
 
 
-def find_resume_checkpoint(config: Config) -> Path | None:
+def find_resume_candidates(config: Config) -> list[Path]:
     mode, run_dir = config.engine.resume.strip(), config.run.directory
     if mode == "never":
         if ckpt.latest_complete(run_dir) is not None:
             raise ConfigError("engine.resume", f"is never but {run_dir} already holds checkpoints",
                               "use another run.name, or engine.resume=auto to continue that run")
-        return None
-    return ckpt.latest_complete(run_dir) if mode == "auto" else ckpt.resolve_checkpoint(mode)
+        return []
+    return ckpt.complete_checkpoints_newest_first(run_dir) if mode == "auto" else [ckpt.resolve_checkpoint(mode)]
+
+
+@dataclass
+class Resume:
+    path: Path
+    saved: dict[str, Any]                   # its trainer.json
+    rejected: list[str]                     # newer checkpoints that failed verification, and why
+
+
+def choose_checkpoint(prepared: Prepared, comm: Communicator) -> Resume | None:
+    """The first candidate whose files verify on every rank; engine.resume=auto passes over
+    damaged ones (saying which file and why, and renaming them out of the checkpoint list so
+    their steps are saved again), an explicit engine.resume=PATH does not."""
+    rejected, set_aside = [], []
+    for path in prepared.resume_candidates:
+        problems = verify_checkpoint(path, comm, prepared.launch.rank)
+        if not problems:
+            saved = check_resumable(read_trainer_state(path), prepared.config, path)
+            if set_aside and prepared.launch.rank == 0:
+                for damaged in set_aside:  # kept for inspection; the run saves those steps afresh
+                    damaged.rename(damaged.with_name(f"{damaged.name}.damaged-{int(time.time())}"))
+            comm.barrier()
+            return Resume(path, saved, rejected)
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        verdict = f"{path} fails verification: {problems[0]}{more}"
+        if prepared.resume_explicit:
+            raise CheckpointError(f"{verdict}; restore the file, or name another checkpoint in engine.resume")
+        if prepared.launch.rank == 0:
+            print(f"vitscale: checkpoint {verdict}; trying the previous one (it is kept as "
+                  f"{path.name}.damaged-TIME)", file=sys.stderr, flush=True)
+        rejected.append(verdict)
+        set_aside.append(path)
+    if rejected:
+        raise CheckpointError(f"none of the {len(rejected)} complete checkpoints of {prepared.config.run.directory} "
+                              f"verifies (newest: {rejected[0]}); restore the files (`vitscale checkpoint verify "
+                              "PATH` names them), or start afresh under another run.name")
+    return None
+
+
+def verify_checkpoint(path: Path, comm: Communicator, rank: int) -> list[str]:
+    """Every problem any rank found in `path`'s files (each rank digests a share of them)."""
+    manifests = ckpt.read_complete(path).get("manifests")
+    if isinstance(manifests, int) and manifests > 0:
+        local = manifest.verify(path, manifests, share=(rank, comm.world_size))
+    else:  # written before checkpoints had manifests: whole and present is all that can be checked
+        try:
+            saved_world = read_trainer_state(path)["world_size"]
+        except CheckpointError as error:
+            local = [str(error)]
+        else:
+            problem = ckpt.part_problem(path, rank, comm.world_size, saved_world)
+            local = [f"rank {rank}: {problem}"] if problem else []
+    return [problem for problems in comm.all_gather_object(local) for problem in problems]
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -292,6 +347,7 @@ class Trainer:
     last_step_seconds: float = 0.0
     grace_warned: bool = False
     backends_logged: bool = False
+    checkpoint_bytes: int = 0      # this rank's bytes in its last checkpoint save
     forward_timer: ForwardTimer | None = None
     window_data_wait: float = 0.0  # data-wait seconds since the last logging step
 
@@ -570,7 +626,7 @@ def save_checkpoint(t: Trainer) -> bool:
     ok = comm.host_reduce([ok], "min")[0] > 0  # every rank learns rank 0's verdict
     t.watchdog.beat()
     seconds = time.perf_counter() - started
-    t.metrics.record_checkpoint(seconds, ok)
+    t.metrics.record_checkpoint(seconds, ok, t.checkpoint_bytes if ok else 0)
     t.log({"step": t.state.step, "checkpoint": str(path) if ok else None, "checkpoint_ok": ok,
            "checkpoint_seconds": seconds})
     if ok:
@@ -600,7 +656,8 @@ def finish_checkpoint(t: Trainer, path: Path, ok: bool) -> bool:
     remove the partial directory so it costs no disk."""
     if ok:
         try:
-            ckpt.mark_complete(path, {"step": t.state.step, "world_size": t.launch.world_size})
+            ckpt.mark_complete(path, {"step": t.state.step, "world_size": t.launch.world_size,
+                                      "manifests": t.launch.world_size})
             ckpt.apply_retention(t.run_dir, t.config.engine.keep_last)
             return True
         except OSError as error:
@@ -619,31 +676,28 @@ def write_checkpoint_files(t: Trainer, path: Path) -> str | None:
     failure = t.engine.save(path)
     if failure:
         return failure
+    files = list(t.engine.saved_files) + [ckpt.rank_state_path(path, t.launch.rank)]
     try:
         ckpt.torch_save_atomic({"rng": ckpt.rng_state(), "loader": t.loader.state_dict(), "step": t.state.step,
-                                "rank": t.launch.rank}, ckpt.rank_state_path(path, t.launch.rank))
+                                "rank": t.launch.rank}, files[-1])
         if t.is_main:
             ckpt.write_json(path / "trainer.json", {**t.state.__dict__, "world_size": t.launch.world_size,
                                                     "engine": t.config.engine.kind,
                                                     "zero_stage": t.config.engine.zero_stage})
             save_config(t.config, path / "config.yaml")
+            files += [path / "trainer.json", path / "config.yaml"]
+        t.checkpoint_bytes = manifest.write_manifest(path, t.launch.rank, files)
     except (OSError, RuntimeError) as error:  # torch.save reports ENOSPC as RuntimeError
         return f"{getattr(error, 'strerror', None) or error}"
     return None
 
 
 def load_checkpoint(t: Trainer, path: Path, saved: dict[str, Any]) -> None:
-    """Engine (weights, optimizer), data position, RNG states and counters. From another world
+    """Engine (weights, optimizer), data position, RNG states and counters, from a checkpoint
+    every rank has verified (choose_checkpoint). From another world
     size the engine reshards its state exactly; the data position continues with the samples of
     the epoch not yet seen (each once), and the RNGs start afresh from the seed and step."""
     rank, world = t.launch.rank, t.launch.world_size
-    problems = t.engine.comm.all_gather_object(ckpt.part_problem(path, rank, world, saved["world_size"]))
-    damaged = [(r, problem) for r, problem in enumerate(problems) if problem]
-    if damaged:
-        first_rank, problem = damaged[0]
-        more = f" (and on {len(damaged) - 1} more ranks)" if len(damaged) > 1 else ""
-        raise CheckpointError(f"rank {first_rank}: {problem}{more}; restore it, or resume from an earlier "
-                              f"checkpoint with engine.resume=PATH")
     t.engine.load(path, saved_world_size=saved["world_size"])
     if saved["world_size"] == world:
         rank_state = ckpt.safe_torch_load(ckpt.rank_state_path(path, rank))
@@ -669,7 +723,6 @@ def load_checkpoint(t: Trainer, path: Path, saved: dict[str, Any]) -> None:
     t.state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
     resharded = f" (written by {saved['world_size']} ranks, resharded for {world})" if saved["world_size"] != world else ""
     t.say(f"resumed from {path} at step {t.state.step}{resharded}")
-    t.log({"step": t.state.step, "resumed_from": str(path)})  # later records of a step supersede earlier ones
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,12 +738,13 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
     metrics, trainer, comm, code = None, None, None, faults.EXIT_FAILED
     try:
         comm = start_process_group(config, launch)
+        resume = choose_checkpoint(prepared, comm)
         if launch.rank == 0:
             config.run.directory.mkdir(parents=True, exist_ok=True)
             save_config(config, config.run.directory / "config.yaml")
         objective = build_objective(config)
         model = build_model(config, objective)
-        saved_world = prepared.saved["world_size"] if prepared.saved else None
+        saved_world = resume.saved["world_size"] if resume else None
         engine = build_engine(config, model, comm, ds_config=prepared.ds_config, saved_world_size=saved_world)
         torch.manual_seed(config.run.seed * 1000 + 1 + launch.rank)  # dropout etc. differ per rank
         loader = build_loader(config, launch, comm)
@@ -704,8 +758,11 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
                           forward_timer=ForwardTimer(engine.module, engine.device))
         if launch.rank == 0:
             trainer.log_file = open(config.run.directory / "log.jsonl", "a")
-        if prepared.resume_from is not None:
-            load_checkpoint(trainer, prepared.resume_from, prepared.saved)
+        if resume is not None:
+            metrics.record_rejected_checkpoints(len(resume.rejected))
+            load_checkpoint(trainer, resume.path, resume.saved)
+            trainer.log({"step": trainer.state.step, "resumed_from": str(resume.path),
+                         "rejected_checkpoints": resume.rejected})  # later records of a step supersede earlier ones
         check_ranks_agree_on_data(trainer)
         watchdog.beat()
         code = train(trainer)

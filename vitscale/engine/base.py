@@ -43,6 +43,7 @@ class Engine(Protocol):
     module: nn.Module                  # the bare model: evaluation, few-shot, SAM's local passes
     train_module: nn.Module            # what the training forward calls (may arm gradient hooks)
     param_groups: list[dict]           # the optimizer's groups (learning rate, weight decay)
+    saved_files: list[Path]            # the files this rank wrote in its last save (manifest)
 
     def autocast(self) -> AbstractContextManager: ...
 
@@ -54,8 +55,8 @@ class Engine(Protocol):
         (same on every rank) or any gradient is non-finite; gradients are cleared."""
 
     def save(self, path: Path) -> str | None:
-        """This rank's part of the model and optimizer state into `path`; the failure as text
-        (every rank still returns, so the verdict can be agreed)."""
+        """This rank's part of the model and optimizer state into `path`, each file listed in
+        `saved_files`; the failure as text (every rank still returns, so the verdict can be agreed)."""
 
     def load(self, path: Path, *, saved_world_size: int) -> None:
         """Model and optimizer state from `path`, written by `saved_world_size` ranks."""

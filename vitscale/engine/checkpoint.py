@@ -6,6 +6,7 @@
         rank_00000.pt ...              per rank: data loader position and every RNG state
         trainer.json                   step, skip counters, world size, engine kind, ZeRO stage
         config.yaml                    the resolved config tree
+        manifest_rank_00000.json ...   per rank: size and checksum of each file it wrote (manifest.py)
         COMPLETE                       written by rank 0 only after every rank finished writing
 
 A directory without COMPLETE (a process killed mid-write, a full disk) is never chosen by
@@ -49,6 +50,19 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
+def read_complete(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker's record ({} when unreadable: the marker's presence is what counts)."""
+    try:
+        data = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def complete_checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
+    return [path for _, path, done in reversed(list_checkpoints(run_dir)) if done]
+
+
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
     """(step, directory, complete) for every step_XXXXXXXX directory, oldest first."""
     root = checkpoints_root(run_dir)
@@ -64,8 +78,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
 
 def latest_complete(run_dir: str | Path) -> Path | None:
     """The newest checkpoint directory whose COMPLETE marker exists, or None."""
-    complete = [path for _, path, done in list_checkpoints(run_dir) if done]
-    return complete[-1] if complete else None
+    complete = complete_checkpoints_newest_first(run_dir)
+    return complete[0] if complete else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

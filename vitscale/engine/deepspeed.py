@@ -137,9 +137,13 @@ class DeepSpeedEngine:
     # -----------------------------------------------------------------------------------------
     # Checkpoints.
 
+    @property
+    def saved_files(self) -> list[Path]:
+        return list(self.engine.checkpoint_engine.written)
+
     def save(self, path: Path) -> str | None:
         engine_io = self.engine.checkpoint_engine
-        engine_io.failure = None
+        engine_io.failure, engine_io.written = None, []
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={}, save_latest=False)
         return engine_io.failure
 
@@ -228,19 +232,24 @@ def build_checkpoint_engine(config_params: Any = None):
     """A DeepSpeed checkpoint engine that writes atomically and loads with weights_only.
 
     A failed write (full disk) is recorded in `.failure` instead of raised, so the rank stays in
-    step with DeepSpeed's barriers; `save_checkpoint` then decides with every rank."""
+    step with DeepSpeed's barriers; `save_checkpoint` then decides with every rank. `.written`
+    lists the files written, for the checkpoint's manifest."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from vitscale.engine.checkpoint import safe_torch_load, torch_save_atomic
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
-        failure: str | None = None
+        def __init__(self, config_params=None):
+            super().__init__(config_params)
+            self.failure: str | None = None
+            self.written: list[Path] = []
 
         def save(self, state_dict, path):
             if self.failure is not None:
                 return
             try:
                 torch_save_atomic(state_dict, Path(path))
+                self.written.append(Path(path))
             except (OSError, RuntimeError) as error:  # torch.save reports ENOSPC as RuntimeError
                 self.failure = f"{Path(path).name}: {getattr(error, 'strerror', None) or error}"
 
@@ -271,7 +280,7 @@ def _record_recovery_script_failures(engine) -> None:
 
     def guarded(save_path):
         try:
-            copy(save_path)
+            copy(save_path)  # into the checkpoints/ folder, not the checkpoint: not in its manifest
         except OSError as error:
             engine.checkpoint_engine.failure = engine.checkpoint_engine.failure or \
                 f"zero_to_fp32.py: {error.strerror or error}"

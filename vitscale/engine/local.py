@@ -39,6 +39,7 @@ class TorchEngine:
         self.train_module = self.module
         self.optimizer = build_optimizer(config.optim, self.module)
         self.input_dtype = torch.float32  # autocast / the mixed-precision policy casts inside
+        self.saved_files: list[Path] = []
 
     def prepare_module(self, model: nn.Module, config) -> nn.Module:
         return model
@@ -71,7 +72,8 @@ class TorchEngine:
         return StepOutcome(skipped=skipped, grad_norm=norm)
 
     def save(self, path: Path) -> str | None:
-        return torch_state.save_dcp(path, self.module, self.optimizer)
+        self.saved_files = []
+        return torch_state.save_dcp(path, self.module, self.optimizer, self.saved_files)
 
     def load(self, path: Path, *, saved_world_size: int) -> None:
         torch_state.load_dcp(path, self.module, self.optimizer)

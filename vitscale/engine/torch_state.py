@@ -33,8 +33,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
-    """Write model + optimizer; the first failure as text (DCP agrees on it over the ranks)."""
+def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, written: list[Path]) -> str | None:
+    """Write model + optimizer, appending each file this rank wrote to `written`; the first
+    failure as text (DCP agrees on it over the ranks)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -44,11 +45,29 @@ def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
         faults.maybe_inject("checkpoint_write", path=directory / DCP_DIR)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR),
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=_recording_writer(directory / DCP_DIR, written),
                  no_dist=not _distributed())
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - ENOSPC comes as OSError, RuntimeError or
         return _first_line(error)                       # CheckpointException (a BaseException: all ranks' errors)
     return None
+
+
+def _recording_writer(directory: Path, written: list[Path]):
+    """DCP's file writer, noting the files it wrote: this rank's shards and, on the
+    coordinator, the metadata."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class RecordingWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            future = super().write_data(plan, planner)
+            written.extend(directory / result.storage_data.relative_path for result in future.wait())
+            return future
+
+        def finish(self, metadata, results):
+            super().finish(metadata, results)
+            written.append(directory / ".metadata")
+
+    return RecordingWriter(str(directory))
 
 
 def load_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -110,6 +110,11 @@ class TrainingMetrics:
                                             "Wall time of successful checkpoint saves",
                                             CHECKPOINT_SECONDS_BUCKETS)
         self.checkpoint_failures = counter("vitscale_checkpoint_save_failures", "Failed checkpoint saves")
+        self.checkpoint_bytes = counter("vitscale_checkpoint_written_bytes",
+                                        "Bytes this rank wrote into checkpoints that completed")
+        self.checkpoint_rejected = counter("vitscale_checkpoint_verification_failures",
+                                           "Complete checkpoints passed over at resume: a file failed its "
+                                           "checksum manifest (missing, cut short or changed)")
         self.checkpoint_last_success = gauge("vitscale_checkpoint_last_success_timestamp_seconds",
                                              "Unix time of the last successful checkpoint save")
         self.device_memory = gauge("vitscale_device_memory_bytes",
@@ -132,7 +137,7 @@ class TrainingMetrics:
             "world_size": str(self.world_size), "local_rank": str(self.local_rank),
             "run": self.run_dir.name, "host": file_sd.socket.gethostname()})
         for family in (self.steps, self.samples, self.tokens, self.nan_skipped_steps, self.checkpoint_failures,
-                       self.straggler_warnings):
+                       self.checkpoint_bytes, self.checkpoint_rejected, self.straggler_warnings):
             family.labels(**self._labels)  # export 0 from the start, so rate() sees the first increase
 
     def _with(self, family, **extra):
@@ -238,12 +243,17 @@ class TrainingMetrics:
     def record_nan_skip(self) -> None:
         self._with(self.nan_skipped_steps).inc()
 
-    def record_checkpoint(self, seconds: float, ok: bool) -> None:
+    def record_checkpoint(self, seconds: float, ok: bool, written_bytes: int = 0) -> None:
         if ok:
             self._with(self.checkpoint_seconds).observe(seconds)
             self._with(self.checkpoint_last_success).set(time.time())
+            self._with(self.checkpoint_bytes).inc(written_bytes)
         else:
             self._with(self.checkpoint_failures).inc()
+
+    def record_rejected_checkpoints(self, count: int) -> None:
+        if count:
+            self._with(self.checkpoint_rejected).inc(count)
 
     def record_eval(self, values: dict[str, float]) -> None:
         for name, value in values.items():
