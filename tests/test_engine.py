@@ -43,6 +43,24 @@ def test_shipped_json_files_fill_from_every_tiny_config(json_name, yaml_name):
     assert ds["zero_optimization"].get("reduce_bucket_size", 12345) == 12345
 
 
+def test_model_state_formula_reproduces_the_zero_paper_and_buckets_scale_with_the_model():
+    """ZeRO paper, Figure 1: 7.5 B parameters, mixed precision (2 + 2 bytes, K = 12), 64 GPUs:
+    120 GB without ZeRO, 31.4 GB (P_os), 16.6 GB (P_os+g), 1.9 GB (P_os+g+p) per GPU."""
+    from vitscale.engine.ds_config import (auto_bucket_elements, auto_live_parameters,
+                                           model_state_bytes_per_parameter)
+
+    per_gpu = [7.5e9 * model_state_bytes_per_parameter(stage, 64, weight_bytes=2, gradient_bytes=2) / 1e9
+               for stage in (0, 1, 2, 3)]
+    assert per_gpu == pytest.approx([120, 31.4, 16.6, 1.88], abs=0.05)
+    # ViT-H/14 (632 M): 1/64 of the model per bucket, two encoder blocks live under ZeRO-3.
+    zero = fill_bucket_sizes({"zero_optimization": {"reduce_bucket_size": "auto", "stage3_max_live_parameters": "auto",
+                                                    "allgather_bucket_size": 7}}, 632_000_000)["zero_optimization"]
+    assert zero == {"reduce_bucket_size": 9_875_000, "stage3_max_live_parameters": 39_500_000,
+                    "allgather_bucket_size": 7}
+    assert auto_bucket_elements(1000) == 1000 and auto_bucket_elements(10**12) == 500_000_000
+    assert auto_live_parameters(10**12) == 10**9 and auto_bucket_elements(22_000_000) == 1 << 22
+
+
 def test_accumulation_is_derived_and_explicit_values_must_agree():
     config = load_config(REPO / "configs" / "demo.yaml", ["engine.micro_batch_size=8", "engine.global_batch_size=64"])
     assert deepspeed_config(config, 2)["gradient_accumulation_steps"] == 4

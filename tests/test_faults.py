@@ -142,6 +142,25 @@ def test_stopped_rank_ends_the_job_within_the_timeout_in_deepspeeds_own_groups(t
     assert "a collective timed out" in job.stderr(0)
 
 
+def test_under_plain_torchrun_a_peer_killed_9_leaves_rank_0_exiting_4_without_a_traceback(tmp_path, engine_digits):
+    """Finding: under plain torchrun (DataLoader workers running), kill -9 of a peer made rank 0
+    exit 1 with a DataLoader traceback instead of 4. torchrun's own exit is 1 whatever the
+    ranks say; its failure table must show rank 0's code."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, engine_digits, "run.steps=40", "data.num_workers=2")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "VITSCALE_INJECT_FAULT": "kill@point=step_start,step=4,rank=1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", str(REPO / "vitscale" / "train.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    failures = output.split("Root Cause", 1)
+    assert len(failures) == 2 and "exitcode  : 4" in failures[0] and "exitcode  : -9" in failures[1], output
+    assert "vitscale: rank 0: a collective timed out or failed" in output
+    assert "DataLoader" not in output and "vitscale/train.py\", line" not in output, output
+
+
 # ---------------------------------------------------------------------------------------------
 # Invalid configs: one line each, before any process group.
 

@@ -4,6 +4,7 @@
     vitscale bench train --model B/16 [--modes eager]     # vitscale vs timm train steps, images/s, MFU
     vitscale bench data ...                               # the input pipeline (vitscale.data.bench)
     vitscale bench replay [--samples N --world-size R]    # resume replay time and memory at scale
+    vitscale bench zero-memory [--stages 0,1,2,3]         # ZeRO bytes per parameter per rank vs theory
     vitscale bench all [--quick]                          # all of them with their defaults
 
 Benchmarks are never run as timed assertions in tests; numbers vary with the machine's load.
@@ -21,6 +22,7 @@ SUB_BENCHMARKS = {
     "train": ("vitscale.bench.train", "full train steps: vitscale vs timm, eager and compiled"),
     "data": ("vitscale.data.bench", "input pipeline throughput (shards -> decoded batches)"),
     "replay": ("vitscale.data.replay_bench", "resume after a topology change: replay time and memory at scale"),
+    "zero-memory": ("vitscale.bench.zero_memory", "per-rank model-state bytes per parameter of ZeRO-0..3 vs theory"),
 }
 
 
@@ -79,6 +81,7 @@ QUICK_SETTINGS: dict[str, dict[str, object]] = {
     "train": dict(model="Ti/16", batch_size=4, steps=3, warmup=1, modes="eager"),
     "data": dict(images=16, sizes="imagenet", repeats=1),
     "replay": dict(samples=1_000_000, world_size=256, baseline_samples=100_000),
+    "zero-memory": dict(model="Ti/16", stages="2", steps=1),
 }
 
 

@@ -87,7 +87,7 @@ def deepspeed_config(config: Any, world_size: int, ds_json: dict[str, Any] | Non
     zero = ds.setdefault("zero_optimization", {})
     # The stage is then engine.zero_stage's (validated 0-3): _fill only keeps a value equal to it.
     _fill(zero, "stage", engine.zero_stage, "engine.zero_stage", where="zero_optimization.")
-    for key in BUCKET_KEYS if zero["stage"] == 3 else BUCKET_KEYS[:2]:
+    for key in BUCKET_KEYS + LIVE_KEYS if zero["stage"] == 3 else BUCKET_KEYS[:2]:
         zero.setdefault(key, AUTO)  # sized from the model by fill_bucket_sizes
     for precision in ("bf16", "fp16"):
         section = ds.setdefault(precision, {})
@@ -103,18 +103,40 @@ def deepspeed_config(config: Any, world_size: int, ds_json: dict[str, Any] | Non
     return ds
 
 
-# ZeRO communication buckets: DeepSpeed allocates them whole, so a bucket larger than the model
-# only costs memory and time (a 5e8-element fp32 bucket is 2 GB zeroed every step).
+# ZeRO communication buckets. DeepSpeed allocates them whole (ZeRO-2 with overlap_comm keeps two
+# reduce buffers), so "auto" sizes them to 1/64 of the model: a few per cent of the model-state
+# memory, yet messages of 16 MB and more (DDP's default bucket is 25 MB). Never below 2^22
+# elements (small models: fewer, larger messages), never above the model or DeepSpeed's 5e8.
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+# ZeRO-3 keeps up to this many gathered parameters alive (DeepSpeed's default 1e9 keeps a model
+# below a billion parameters gathered from forward to backward, undoing the weight partitioning);
+# "auto": 1/16 of the model (ViT-H/14: two encoder blocks), at least 2^22.
+LIVE_KEYS = ("stage3_max_live_parameters", "stage3_max_reuse_distance")
+LIVE_FRACTION = 16
 MAX_BUCKET_ELEMENTS = 500_000_000
+MIN_BUCKET_ELEMENTS = 1 << 22
+BUCKET_FRACTION = 64
+
+
+def auto_bucket_elements(num_parameters: int) -> int:
+    return int(min(MAX_BUCKET_ELEMENTS, max(num_parameters, 1),
+                   max(MIN_BUCKET_ELEMENTS, -(-num_parameters // BUCKET_FRACTION))))
+
+
+def auto_live_parameters(num_parameters: int) -> int:
+    return int(min(1e9, max(num_parameters, 1), max(MIN_BUCKET_ELEMENTS, -(-num_parameters // LIVE_FRACTION))))
 
 
 def fill_bucket_sizes(ds: dict[str, Any], num_parameters: int) -> dict[str, Any]:
-    """Replace "auto" bucket sizes with min(5e8, the model's parameter count)."""
+    """Replace "auto" bucket sizes and ZeRO-3 live-parameter limits with their sizes for a model
+    of `num_parameters` (auto_bucket_elements, auto_live_parameters)."""
     zero = ds.get("zero_optimization", {})
     for key in BUCKET_KEYS:
         if zero.get(key) == AUTO:
-            zero[key] = int(min(MAX_BUCKET_ELEMENTS, max(num_parameters, 1)))
+            zero[key] = auto_bucket_elements(num_parameters)
+    for key in LIVE_KEYS:
+        if zero.get(key) == AUTO:
+            zero[key] = auto_live_parameters(num_parameters)
     return ds
 
 
@@ -131,3 +153,47 @@ def _fill(section: dict[str, Any], key: str, value: Any, tree_key: str, where: s
         raise ConfigError("engine.ds_config", f"{where}{key}={current!r} in the DeepSpeed JSON disagrees with "
                           f"{tree_key}={value!r} from the config tree",
                           f'write "auto" in the JSON or set the tree value to {current!r}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what ZeRO keeps per rank (also the planner's formula).
+
+
+def model_state_bytes_per_parameter(stage: int, world_size: int, *, weight_bytes: int, gradient_bytes: int,
+                                    optimizer_bytes: int = 8) -> float:
+    """Bytes per parameter per rank of weights, gradients and optimizer state under ZeRO-`stage`
+    (ZeRO paper, section 3): P + G + K, each over its partition. K is the optimizer's state
+    (AdamW: two fp32 moments, 8) plus DeepSpeed's fp32 master copy (4), which ZeRO-1/2/3 keep
+    even when the model itself is fp32; ZeRO-0 steps the module's own weights when they are fp32."""
+    master = 0 if stage == 0 and weight_bytes == 4 else 4
+    p, g, k = weight_bytes, gradient_bytes, optimizer_bytes + master
+    n = max(world_size, 1)
+    return {0: p + g + k, 1: p + g + k / n, 2: p + (g + k) / n, 3: (p + g + k) / n}[stage]
+
+
+def bucket_allowance_bytes_per_parameter(zero: dict[str, Any], stage: int, num_parameters: int, *,
+                                         weight_bytes: int = 4, gradient_bytes: int = 4,
+                                         world_size: int = 2) -> float:
+    """What DeepSpeed holds beyond model_state_bytes_per_parameter, per parameter per rank:
+    ZeRO-0 all-reduces the gradients flattened into buckets of a fixed 5e8 elements (G for a
+    model below that); ZeRO-1/2 keep 1 reduce buffer (2 with overlap_comm) of reduce_bucket_size gradients and,
+    while stepping, the flattened copy of their gradient partition (G/N); ZeRO-3 keeps a reduce
+    buffer and, while reducing, up to two more of its size (measured: 3 x reduce_bucket_size x G),
+    a prefetch bucket of gathered weights, and up to stage3_max_live_parameters gathered weights
+    (P (1 - 1/N) each: the rest of a weight is another rank's partition)."""
+    psi = max(num_parameters, 1)
+    n = max(world_size, 1)
+
+    def elements(key: str, default: float) -> float:
+        value = zero.get(key, default)
+        return float(default if value == AUTO else value)
+
+    reduce_bucket = min(elements("reduce_bucket_size", MAX_BUCKET_ELEMENTS), psi)
+    if stage in (1, 2):
+        buffers = 2 if zero.get("overlap_comm", stage == 2) else 1
+        return (buffers * reduce_bucket * gradient_bytes) / psi + gradient_bytes / n
+    if stage == 3:
+        prefetch = min(elements("stage3_prefetch_bucket_size", 5e7), psi)
+        live = min(elements("stage3_max_live_parameters", 1e9), psi)
+        return (3 * reduce_bucket * gradient_bytes + prefetch * weight_bytes) / psi + live * weight_bytes * (1 - 1 / n) / psi
+    return min(MAX_BUCKET_ELEMENTS, psi) * gradient_bytes / psi
