@@ -130,3 +130,23 @@ def test_autotune_space_is_pruned_for_short_sequences():
     vit_h = fa._prune_configs(fa._fwd_configs(), {"N_Q": 257, "N_KV": 257}, HEAD_DIM=80)
     assert vit_h and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in vit_h)
     assert len(fa._prune_configs(fa._fwd_configs(), {"N_Q": 577, "N_KV": 577}, HEAD_DIM=64)) == len(fa._fwd_configs())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a 4 GB address range is cheap only on the CPU (untouched pages)")
+def test_offsets_past_2_to_the_31_elements_are_64_bit():
+    """Finding: `batch * stride` in int32 wrapped once an evaluation batch passed 2^31 elements
+    (H/14 at 392 px, >= 713 images) and the kernel read and wrote elsewhere. Three images 2^30
+    elements apart in one 4 GB buffer: the third starts at element 2^31. Only the pages of the
+    three images are ever touched."""
+    n, d, gap = 17, 64, 1 << 30
+    buffer = torch.empty(2 * gap + n * d, dtype=torch.float16)
+    q = buffer.as_strided((3, 1, n, d), (gap, n * d, d, 1))
+    generator = torch.Generator().manual_seed(0)
+    for image in range(3):
+        q[image].copy_(torch.randn(1, n, d, generator=generator))
+    out, _ = fa.attention_forward(q, q, q, d ** -0.5, out=nan_like(q.contiguous()),
+                                  lse=torch.full((3, 1, n), float("nan")))
+    for image in range(3):
+        x = q[image, 0].double()
+        want = torch.softmax(x @ x.T * d ** -0.5, -1) @ x
+        torch.testing.assert_close(out[image, 0].double(), want, **TOLERANCES[torch.float16])
