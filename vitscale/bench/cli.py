@@ -5,6 +5,7 @@
     vitscale bench data ...                               # the input pipeline (vitscale.data.bench)
     vitscale bench replay [--samples N --world-size R]    # resume replay time and memory at scale
     vitscale bench zero-memory [--stages 0,1,2,3]         # ZeRO bytes per parameter per rank vs theory
+    vitscale bench device [--dry-run] --out DIR           # the GPU bring-up check (scripts/device_check.sh)
     vitscale bench all [--quick]                          # all of them with their defaults
 
 Benchmarks are never run as timed assertions in tests; numbers vary with the machine's load.
@@ -22,6 +23,7 @@ SUB_BENCHMARKS = {
     "train": ("vitscale.bench.train", "full train steps: vitscale vs timm, eager and compiled"),
     "data": ("vitscale.data.bench", "input pipeline throughput (shards -> decoded batches)"),
     "replay": ("vitscale.data.replay_bench", "resume after a topology change: replay time and memory at scale"),
+    "device": ("vitscale.bench.device", "the GPU bring-up check: kernel vs fp64, attention and train-step speed, MFU, a real job"),
     "zero-memory": ("vitscale.bench.zero_memory", "per-rank model-state bytes per parameter of ZeRO-0..3 vs theory"),
 }
 
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         module = _module(name)
         if module is not None:
             module.add_arguments(sub)
-    everything = benches.add_parser("all", help="every benchmark above with its defaults")
+    everything = benches.add_parser("all", help="every benchmark above but device, with its defaults")
     everything.add_argument("--quick", action="store_true", help="small shapes and few steps (CPU smoke run)")
     everything.add_argument("--json-dir", default="runs/bench", help="one JSON file per benchmark goes here")
 
@@ -88,6 +90,8 @@ QUICK_SETTINGS: dict[str, dict[str, object]] = {
 def run_all(args: argparse.Namespace) -> int:
     status = 0
     for name in SUB_BENCHMARKS:
+        if name == "device":
+            continue  # a whole machine check of its own (scripts/device_check.sh), not a benchmark
         print(f"\n== vitscale bench {name} ==")
         results = str(Path(args.json_dir) / f"{name}.json")
         settings: dict[str, object] = dict(json=results, output=results, quick=args.quick)
