@@ -255,8 +255,7 @@ def damage_file(path, damage):
         path.unlink()
 
 
-@pytest.mark.parametrize("kind,damage", [("deepspeed", "flipped byte"), ("deepspeed", "missing"),
-                                         ("fsdp2", "cut short")])
+@pytest.mark.parametrize("kind,damage", [("deepspeed", "flipped byte"), ("fsdp2", "missing")])
 def test_auto_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, engine_digits, kind, damage):
     """A damaged file of rank 1 in the newest checkpoint: every rank learns of it before any
     state is read, auto-resume names file, rank and problem, and resumes from the previous
@@ -266,8 +265,7 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, engine_di
             tmp_path / "logs_first")
     first = step_losses(run_dir)
     newest = ckpt.checkpoint_dir(run_dir, 4)
-    part = ckpt.rank_state_path(newest, 1) if damage == "missing" else \
-        next(newest.glob("*zero_pp_rank_1_*optim_states.pt")) if kind == "deepspeed" else \
+    part = next(newest.glob("*zero_pp_rank_1_*optim_states.pt")) if kind == "deepspeed" else \
         next((newest / "dcp").glob("__1_*.distcp"))
     damage_file(part, damage)
     job = run_job(tiny_args(run_dir, engine_digits, "run.steps=4", "engine.checkpoint_every=2", f"engine.kind={kind}"),

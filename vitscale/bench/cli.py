@@ -5,6 +5,7 @@
     vitscale bench data ...                               # the input pipeline (vitscale.data.bench)
     vitscale bench replay [--samples N --world-size R]    # resume replay time and memory at scale
     vitscale bench zero-memory [--stages 0,1,2,3]         # ZeRO bytes per parameter per rank vs theory
+    vitscale bench checkpoint [--model B/16 --dir DIR]    # save/verify/load GB/s vs raw sequential I/O
     vitscale bench device [--dry-run] --out DIR           # the GPU bring-up check (scripts/device_check.sh)
     vitscale bench all [--quick]                          # all of them with their defaults
 
@@ -23,6 +24,7 @@ SUB_BENCHMARKS = {
     "train": ("vitscale.bench.train", "full train steps: vitscale vs timm, eager and compiled"),
     "data": ("vitscale.data.bench", "input pipeline throughput (shards -> decoded batches)"),
     "replay": ("vitscale.data.replay_bench", "resume after a topology change: replay time and memory at scale"),
+    "checkpoint": ("vitscale.bench.checkpoint", "checkpoint save / verify / load GB/s vs the directory's raw write and read"),
     "device": ("vitscale.bench.device", "the GPU bring-up check: kernel vs fp64, attention and train-step speed, MFU, a real job"),
     "zero-memory": ("vitscale.bench.zero_memory", "per-rank model-state bytes per parameter of ZeRO-0..3 vs theory"),
 }
@@ -84,6 +86,7 @@ QUICK_SETTINGS: dict[str, dict[str, object]] = {
     "data": dict(images=16, sizes="imagenet", repeats=1),
     "replay": dict(samples=1_000_000, world_size=256, baseline_samples=100_000),
     "zero-memory": dict(model="Ti/16", stages="2", steps=1),
+    "checkpoint": dict(model="Ti/16", repeats=1),
 }
 
 

@@ -504,14 +504,15 @@ def stage_train_job(context: Context) -> dict[str, Any]:
 
 
 def scrape_metrics(port: int, process: subprocess.Popen) -> dict[str, Any]:
-    """Poll the rank's Prometheus endpoint until it has counted a step (or the job ended)."""
+    """Poll the rank's Prometheus endpoint while the job runs: the last answer that carried the
+    training families (ok), with the newest values; a step counted ends the polling early."""
     found: dict[str, Any] = {"ok": False}
     deadline = time.monotonic() + 500
     while process.poll() is None and time.monotonic() < deadline:
         try:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
             continue
         values = {}
         for line in text.splitlines():
@@ -519,9 +520,11 @@ def scrape_metrics(port: int, process: subprocess.Popen) -> dict[str, Any]:
             if name in ("vitscale_train_steps_total", "vitscale_train_images_per_second", "vitscale_train_mfu_ratio"):
                 with contextlib.suppress(ValueError):
                     values[name] = float(line.rsplit(" ", 1)[1])
-        if values.get("vitscale_train_steps_total", 0) >= 1:
-            return {"ok": True, **values}
-        time.sleep(0.5)
+        if "vitscale_train_steps_total" in values:
+            found = {"ok": True, **values}
+            if values["vitscale_train_steps_total"] >= 1:
+                break
+        time.sleep(0.2)
     return found
 
 

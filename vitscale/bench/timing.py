@@ -42,6 +42,19 @@ def time_interleaved(variants: dict[str, Callable[[], object]], *, device: torch
     return samples
 
 
+def measured_gemm_flops(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                        repeats: int = 10) -> tuple[int, float]:
+    """(n, FLOP/s) of an n x n x n matrix product on `device`: the rate a model's GEMMs can reach
+    here, measured in the same run as what is compared with it (8192 on a GPU, 1024 on a CPU)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    seconds = median([time_once(lambda: a @ b, device) for _ in range(repeats)])
+    return n, 2.0 * n**3 / seconds
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

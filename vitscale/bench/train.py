@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from vitscale.bench.attention import DTYPES, resolve_device
 from vitscale.bench.peaks import peak_flops
-from vitscale.bench.timing import format_table, machine_description, median, synchronize, time_once, write_json
+from vitscale.bench.timing import (format_table, machine_description, measured_gemm_flops, median, synchronize,
+                                   time_once, write_json)
 from vitscale.errors import ConfigError
 from vitscale.model.config import ModelConfig
 from vitscale.model.flops import tokens_per_image, training_flops_per_image
@@ -172,8 +173,13 @@ def run(args: argparse.Namespace) -> int:
     peak = peak_flops(device, "fp32" if dtype == torch.float32 else str(dtype).removeprefix("torch."),
                       args.peak_flops)
     tokens, flops = tokens_per_image(config), training_flops_per_image(config)
+    gemm_n, gemm_flops = measured_gemm_flops(device, dtype)
     rows = [dict(library=library, mode=mode, **runner.result(args.batch_size, tokens, flops, peak))
             for (library, mode), runner in runners.items()]
+    for row in rows:  # the step's achieved rate against what a plain GEMM reaches here: the roofline
+        row["achieved_tflops"] = flops * row["images_per_second"] / 1e12
+        row["of_measured_gemm"] = flops * row["images_per_second"] / gemm_flops
+    args.measured_gemm = {"n": gemm_n, "tflops": gemm_flops / 1e12}
     for row in rows:
         timm = next((r for r in rows if r["library"] == "timm" and r["mode"] == row["mode"]), None)
         row["speedup_vs_timm"] = row["images_per_second"] / timm["images_per_second"] if timm else None
@@ -189,19 +195,24 @@ def report(args, config, device, dtype, rows, peak, counts) -> None:
           f"{str(dtype).removeprefix('torch.')}, on {machine.get('gpu', machine.get('cpu'))}; "
           f"median of {args.steps} interleaved steps; {next(iter(counts.values())) / 1e6:.1f}M parameters")
     headers = ["library", "mode", "step ms", "best ms", "fwd+bwd ms", "optim ms", "images/s", "tokens/s", "MFU",
-               "vs timm", "vs timm (best)", "optimizer"]
+               "TFLOP/s", "of GEMM", "vs timm", "vs timm (best)", "optimizer"]
     ratio = lambda value: f"{value:.2f}x" if value is not None else None  # noqa: E731
     table = [[r["library"], r["mode"], r["step_ms"], r["best_step_ms"], r["forward_backward_ms"], r["optimizer_ms"],
               r["images_per_second"], r["tokens_per_second"],
               f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else None,
+              f"{r['achieved_tflops']:.3g}", f"{100 * r['of_measured_gemm']:.1f}%",
               ratio(r["speedup_vs_timm"]), ratio(r["best_speedup_vs_timm"]), r["optimizer"]]
              for r in rows]
     print(format_table(headers, table))
+    gemm = args.measured_gemm
+    print(f"of GEMM: achieved FLOP/s over a {gemm['n']}^3 {str(dtype).removeprefix('torch.')} matrix product "
+          f"measured in this run ({gemm['tflops']:.3g} TFLOP/s), the limit on this device")
     if peak is None:
         print("MFU: no known peak for this device (pass --peak-flops)")
     payload = dict(benchmark="train", machine=machine, model=config.name, image_size=config.image_size,
                    batch_size=args.batch_size, dtype=str(dtype).removeprefix("torch."),
                    attention_backend=args.attention_backend, steps=args.steps, warmup=args.warmup,
                    parameters=next(iter(counts.values())), peak_flops=peak,
-                   training_flops_per_image=training_flops_per_image(config), rows=rows)
+                   training_flops_per_image=training_flops_per_image(config), measured_gemm=args.measured_gemm,
+                   rows=rows)
     print(f"wrote {write_json(args.json, payload)}")
