@@ -1,10 +1,11 @@
 # make demo   - set up everything, then train a tiny ViT on a small real dataset (CPU)
-# make test   - set up everything, then run the whole test suite (CPU; starts its own services)
+# make test   - set up everything, then lint (ruff) and run the whole test suite (CPU; starts its own services)
+# make test-fast - no root, no apt, no servers: lint, then every test but the Slurm/Prometheus and slow ones
 # make bench  - benchmarks (attention, train step, data); GPU numbers when a GPU is present
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test services demo test bench
+.PHONY: setup setup-test services demo test test-fast bench
 
 setup:
 	scripts/setup.sh
@@ -22,7 +23,12 @@ demo: setup
 	DS_ACCELERATOR=cpu $(PY) -m vitscale demo
 
 test: setup-test services
+	$(VENV)/bin/ruff check .
 	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -m pytest -x -q --durations=15 tests
+
+test-fast: setup-test
+	$(VENV)/bin/ruff check .
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -m pytest -x -q -m "not services and not slow" tests
 
 bench: setup
 	$(PY) -m vitscale bench all

@@ -39,7 +39,8 @@ def test_train_bench_compares_with_timm(tmp_path, capsys):
             "--steps", "2", "--warmup", "1", "--modes", "eager", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert result["parameters"] == 5_717_416 - 1000 * 192 - 1000 + 10 * 192 + 10 - 192 * 192  # Ti/16, 5 tokens, 10 classes
+    # Ti/16 with 5 tokens and 10 classes
+    assert result["parameters"] == 5_717_416 - 1000 * 192 - 1000 + 10 * 192 + 10 - 192 * 192
     rows = {(r["library"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {("vitscale", "eager"), ("timm", "eager")}
     assert rows[("timm", "eager")]["speedup_vs_timm"] == 1.0
@@ -47,7 +48,8 @@ def test_train_bench_compares_with_timm(tmp_path, capsys):
         assert row["mfu"] is None  # no peak on CPU
         assert row["tokens_per_second"] == pytest.approx(row["images_per_second"] * 5)
         # The roofline here: the step's achieved FLOP/s against a GEMM measured in the same run.
-        assert row["achieved_tflops"] == pytest.approx(result["training_flops_per_image"] * row["images_per_second"] / 1e12)
+        achieved = result["training_flops_per_image"] * row["images_per_second"] / 1e12
+        assert row["achieved_tflops"] == pytest.approx(achieved)
         assert 0 < row["of_measured_gemm"] == pytest.approx(row["achieved_tflops"] / result["measured_gemm"]["tflops"])
         assert all(finite_or_none(row[k]) and row[k] > 0 for k in ("step_ms", "forward_backward_ms", "optimizer_ms"))
     assert "vs timm" in capsys.readouterr().out

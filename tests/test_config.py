@@ -125,7 +125,8 @@ def test_no_usage_line_in_the_repository_leaves_a_shard_pattern_to_the_shell():
 @pytest.mark.parametrize("override, key", [("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"),
                                            ("optim.weight_decay=inf", "optim.weight_decay"),
                                            ("optim.weight_decay=nan", "optim.weight_decay"),
-                                           ("optim.beta2=nan", "optim.beta2"), ("optim.grad_clip=nan", "optim.grad_clip"),
+                                           ("optim.beta2=nan", "optim.beta2"),
+                                           ("optim.grad_clip=nan", "optim.grad_clip"),
                                            ("optim.lr=-1e-3", "optim.lr"), ("optim.eps=0", "optim.eps")])
 def test_non_finite_and_non_positive_optimizer_values_are_refused(override, key):
     with pytest.raises(ConfigError) as error:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import shutil
 import subprocess
 import tarfile
 

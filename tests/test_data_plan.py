@@ -15,7 +15,8 @@ def simulated_buffer(start: int, length: int, buffer_size: int, keys) -> np.ndar
     size = max(1, min(buffer_size, length))
     if size == 1:
         return np.arange(length)
-    picks = [min(int(u * size), size - 1) for u in planning.uniform(keys.picks, np.arange(start, start + length - size))]
+    draws = planning.uniform(keys.picks, np.arange(start, start + length - size))
+    picks = [min(int(u * size), size - 1) for u in draws]
     buffer, emitted = list(range(size)), []
     for step, pick in enumerate(picks):
         emitted.append(buffer[pick])

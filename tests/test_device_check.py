@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from vitscale.bench import device
 
 REPO = device.REPO
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_stage_and_writes_the_table(tmp_path):
     out = tmp_path / "check"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DS_ACCELERATOR")}

@@ -49,7 +49,8 @@ def free_port() -> int:
 def tiny_args(run_dir: Path, shards: tuple[str, str], *extra: str, eval_shards: bool = False) -> list[str]:
     """The tiny job's arguments; an override in `extra` replaces the default of the same key (the
     command line refuses a key given twice)."""
-    overrides = [*TINY, f"data.train_shards={shards[0]}", f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
+    overrides = [*TINY, f"data.train_shards={shards[0]}", f"run.output_dir={run_dir.parent}",
+                 f"run.name={run_dir.name}"]
     if eval_shards:
         overrides.append(f"data.eval_shards={shards[1]}")
     return ["--config", str(REPO / "configs" / "demo.yaml"), *merge_overrides(overrides, extra)]

@@ -161,7 +161,8 @@ PACKAGE = REPO / "vitscale"
 
 
 def python_files(exclude: tuple[str, ...]) -> list[Path]:
-    return [path for path in PACKAGE.rglob("*.py") if not any(part in str(path.relative_to(PACKAGE)) for part in exclude)]
+    return [path for path in PACKAGE.rglob("*.py")
+            if not any(part in str(path.relative_to(PACKAGE)) for part in exclude)]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -14,7 +14,7 @@ from vitscale.config import Config
 from vitscale.data import DataConfig
 from vitscale.data.datasets import digits_arrays, digits_split, write_digits_shards
 from vitscale.errors import DataError
-from vitscale.evaluation import FewShotEvaluator, evaluate_top1, fewshot_accuracy, linear_fewshot_accuracy
+from vitscale.evaluation import FewShotEvaluator, evaluate_top1, fewshot_accuracy
 from vitscale.evaluation.config import FewShotConfig
 from vitscale.evaluation.fewshot import choose_l2_reg, ridge_solve, select_shots, with_bias
 from vitscale.model import ModelConfig, build_model
@@ -228,7 +228,8 @@ rank, world_size, port, weights, shards, out = sys.argv[1:]
 rank, world_size = int(rank), int(world_size)
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-model, config = load_for_eval(weights, ["data.num_workers=0", "data.pin_memory=false", f"data.eval_shards={shards}"], "cpu")
+model, config = load_for_eval(weights, ["data.num_workers=0", "data.pin_memory=false",
+                                       f"data.eval_shards={shards}"], "cpu")
 loader = build_eval_loader(config.data, micro_batch_size=32, image_size=config.model.image_size,
                            num_classes=config.model.num_classes, rank=rank, world_size=world_size)
 result = evaluate_top1(model, loader, reduce=Communicator(torch.device("cpu"), world_size, True).host_reduce)

@@ -195,7 +195,8 @@ def test_checkpoint_weights_are_the_fp32_master_weights(tmp_path):
                            "metrics.port=0", f"run.output_dir={tmp_path}", "run.name=bf16", "run.steps=3",
                            "model.depth=1", "model.width=32", "model.mlp_dim=64", "engine.precision=bf16",
                            "engine.zero_stage=2", "engine.micro_batch_size=16", "engine.global_batch_size=16"],
-                          cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
     state, config = load_checkpoint_weights(tmp_path / "bf16")
     module = safe_torch_load(latest_complete(tmp_path / "bf16") / "mp_rank_00_model_states.pt")["module"]

@@ -166,8 +166,7 @@ def test_usr1_one_second_after_the_start_kills_no_rank_and_requeues(slurm, tmp_p
     slurm.wait_for(job, lambda info: info.get("JobState") == "RUNNING", 120, "running")
     time.sleep(1)
     slurm.command("scancel", "--signal=USR1", "--batch", job)
-    info = slurm.wait_for(job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 180,
-                          "requeued")
+    slurm.wait_for(job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 180, "requeued")
     text = output.read_text()
     checkpoint = latest_complete(run_dir)
     assert checkpoint is not None and rank_saves(checkpoint) == ["rank_00000.pt", "rank_00001.pt"], text

@@ -10,8 +10,9 @@ Everything a user can get wrong (config, DeepSpeed JSON, batch sizes, shards, th
 resume) is checked in `prepare` before any process group starts. Top to bottom: pre-flight,
 building blocks (model, data, evaluators), the loop (train_step, train), evaluation,
 checkpoints, entry points. The loop talks to the engine only through vitscale/engine/base.py's
-protocol and to other ranks only through `engine.comm`. Exit codes: see vitscale/engine/faults.py (0 done, 2 bad input, 3 too many
-non-finite steps, 4 hang, 5 final checkpoint failed, 75 stopped on a signal after saving).
+protocol and to other ranks only through `engine.comm`. Exit codes: see vitscale/engine/faults.py
+(0 done, 2 bad input, 3 too many non-finite steps, 4 hang, 5 final checkpoint failed, 75 stopped
+on a signal after saving).
 """
 
 from __future__ import annotations
@@ -104,9 +105,13 @@ def prepare(args: argparse.Namespace) -> Prepared:
     candidates = find_resume_candidates(config)
     if candidates:
         # A config that cannot resume the newest checkpoint fails here, once per node; whether
-        # its files are whole is verified with every rank once the process group is up.
-        with contextlib.suppress(CheckpointError):
-            check_resumable(read_trainer_state(candidates[0]), config, candidates[0])
+        # its files are whole (trainer.json too) is verified with every rank once the group is up.
+        try:
+            newest = read_trainer_state(candidates[0])
+        except CheckpointError:
+            newest = None
+        if newest is not None:
+            check_resumable(newest, config, candidates[0])
     return Prepared(config, ds, launch, candidates, config.engine.resume.strip() not in ("auto", "never"))
 
 
@@ -721,7 +726,8 @@ def load_checkpoint(t: Trainer, path: Path, saved: dict[str, Any]) -> None:
         np.random.seed(seed % 2**32)
     t.loader.load_state_dict(loader_state, t.config.data.resume)
     t.state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
-    resharded = f" (written by {saved['world_size']} ranks, resharded for {world})" if saved["world_size"] != world else ""
+    resharded = f" (written by {saved['world_size']} ranks, resharded for {world})" \
+        if saved["world_size"] != world else ""
     t.say(f"resumed from {path} at step {t.state.step}{resharded}")
 
 

@@ -81,7 +81,8 @@ def build(args):
     config = load_config(None, overrides)
     comm = start_process_group(config, Launch.from_environment())
     repo = Path(__file__).resolve().parents[2]
-    ds = deepspeed_config(config, 1, read_ds_json(repo / "configs" / "zero2.json")) if args.engine == "deepspeed" else None
+    ds = deepspeed_config(config, 1, read_ds_json(repo / "configs" / "zero2.json")) \
+        if args.engine == "deepspeed" else None
     objective = build_objective(config)
     engine = build_engine(config, build_model(config, objective), comm, ds_config=ds)
     images = torch.randn(1, 3, 32, 32, device=comm.device)

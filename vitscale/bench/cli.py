@@ -24,8 +24,10 @@ SUB_BENCHMARKS = {
     "train": ("vitscale.bench.train", "full train steps: vitscale vs timm, eager and compiled"),
     "data": ("vitscale.data.bench", "input pipeline throughput (shards -> decoded batches)"),
     "replay": ("vitscale.data.replay_bench", "resume after a topology change: replay time and memory at scale"),
-    "checkpoint": ("vitscale.bench.checkpoint", "checkpoint save / verify / load GB/s vs the directory's raw write and read"),
-    "device": ("vitscale.bench.device", "the GPU bring-up check: kernel vs fp64, attention and train-step speed, MFU, a real job"),
+    "checkpoint": ("vitscale.bench.checkpoint",
+                   "checkpoint save / verify / load GB/s vs the directory's raw write and read"),
+    "device": ("vitscale.bench.device",
+               "the GPU bring-up check: kernel vs fp64, attention and train-step speed, MFU, a real job"),
     "zero-memory": ("vitscale.bench.zero_memory", "per-rank model-state bytes per parameter of ZeRO-0..3 vs theory"),
 }
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -289,7 +288,6 @@ DRY_ATTENTION_SHAPES = [("tiny", 2, 17, 64, 1)]
 
 
 def attention_backends(context: Context) -> dict[str, Callable]:
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -409,7 +407,8 @@ def measure_train_step(context: Context, kind: str, model: str, image_size: int,
     gemm = environment.get("gemm", {}).get("tflops")
     return {"engine": kind if kind != "deepspeed" else "deepspeed ZeRO-2", "model": model, "image_size": image_size,
             "batch": batch, "attention": backend, "compile": compiled, "step_ms": seconds * 1e3,
-            "images_per_second": images_per_second, "tokens_per_second": images_per_second * tokens_per_image(config.model),
+            "images_per_second": images_per_second,
+            "tokens_per_second": images_per_second * tokens_per_image(config.model),
             "achieved_tflops": achieved / 1e12,
             "mfu_datasheet": achieved / (datasheet * 1e12) if datasheet else None,
             "mfu_measured_gemm": achieved / (gemm * 1e12) if gemm else None,
@@ -454,7 +453,8 @@ def _train_rows(context: Context, kind: str, variants_of: Callable[[list], list]
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     if size == 1:
-                        rows.append({"model": model, "attention": backend, "compile": compiled, "error": "out of memory"})
+                        rows.append({"model": model, "attention": backend, "compile": compiled,
+                                     "error": "out of memory"})
                         break
                     size //= 2  # the batch that fills the card
                 except Exception as error:  # noqa: BLE001 - one variant's failure is a row, not the stage's end
@@ -501,7 +501,8 @@ def stage_train_job(context: Context) -> dict[str, Any]:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                 str(REPO / "vitscale" / "train.py")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([*torchrun, *common, f"run.steps={steps}", f"metrics.port={port}"], env=env, stdout=subprocess.PIPE,
+    first = subprocess.Popen([*torchrun, *common, f"run.steps={steps}", f"metrics.port={port}"], env=env,
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     scrape = scrape_metrics(port, first)
     output = first.communicate(timeout=600)[0]
@@ -578,14 +579,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{environment['copy']['gb_per_s']:.0f} GB/s"]
     kernel = stages.get("kernel", {}).get("result")
     if kernel:
-        lines += ["", "| kernel check | dtype | call | max abs error out / dq / dk / dv | tolerance | ok |", "|---|---|---|---|---|---|"]
+        lines += ["", "| kernel check | dtype | call | max abs error out / dq / dk / dv | tolerance | ok |",
+                  "|---|---|---|---|---|---|"]
         for row in kernel["rows"]:
             errors = " / ".join(f"{row['max_abs_error'][k]:.1e}" for k in ("out", "dq", "dk", "dv"))
             lines.append(f"| {row['shape']} ({row['tokens']}x{row['head_dim']}) | {row['dtype']} | {row['call']} | "
                          f"{errors} | {row['tolerance']:g} | {'yes' if row['ok'] else 'NO'} |")
     attention = stages.get("attention", {}).get("result")
     if attention:
-        lines += ["", f"| attention ({attention['dtype']}) | backend | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---|---|---|---|"]
+        lines += ["", f"| attention ({attention['dtype']}) | backend | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+                  "|---|---|---|---|"]
         for row in attention["rows"]:
             lines.append(f"| {row['shape']} x{row['batch']} | {row['backend']} | {_number(row.get('fwd_tflops'), 2)} | "
                          f"{_number(row.get('fwd_bwd_tflops'), 2) if 'error' not in row else row['error'][:60]} |")
@@ -597,12 +600,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                       "MFU (measured GEMM) | peak GiB | host syncs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
             if "error" in row:
-                lines.append(f"| {row['model']} | {name} | {row['attention']} | {row['compile']} | | {row['error'][:80]} |")
+                lines.append(f"| {row['model']} | {name} | {row['attention']} | {row['compile']} | | "
+                             f"{row['error'][:80]} |")
                 continue
             mfu = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
             lines.append(f"| {row['model']}@{row['image_size']} | {row['engine']} | {row['attention']} | "
                          f"{row['compile']} | {row['batch']} | {row['images_per_second']:,.1f} | "
-                         f"{row['tokens_per_second']:,.0f} | {mfu(row['mfu_datasheet'])} | {mfu(row['mfu_measured_gemm'])} | "
+                         f"{row['tokens_per_second']:,.0f} | {mfu(row['mfu_datasheet'])} | "
+                         f"{mfu(row['mfu_measured_gemm'])} | "
                          f"{_number(row['peak_memory_gib'], 1)} | {row['host_syncs_per_step']} |")
     job = stages.get("train_job", {}).get("result")
     if job:

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--libraries", default="vitscale,timm", help="comma-separated: vitscale, timm")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
-    parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (overrides the table)")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="device peak FLOP/s for MFU (overrides the table)")
     parser.add_argument("--json", default="runs/bench/train.json", help="where to write the results")
 
 

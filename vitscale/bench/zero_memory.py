@@ -32,9 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", default="0,1,2,3", help="ZeRO stages, comma-separated")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--bucket", type=float, default=None,
-                        help="bucket size in elements instead of the engine's auto sizing (e.g. 5e8, DeepSpeed's default)")
+                        help="bucket size in elements instead of the engine's auto sizing "
+                             "(e.g. 5e8, DeepSpeed's default)")
     parser.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
-                        help="a zero_optimization setting of the JSON, e.g. stage3_max_live_parameters=1e7 (repeatable)")
+                        help="a zero_optimization setting of the JSON, e.g. stage3_max_live_parameters=1e7 "
+                             "(repeatable)")
     parser.add_argument("--steps", type=int, default=3, help="measured steps after the first")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -89,13 +91,15 @@ def report(args, rows: list[dict]) -> None:
     first = rows[0]
     print(f"vitscale bench zero-memory: {args.model}, {first['parameters'] / 1e6:.1f} M parameters, fp32 AdamW, "
           f"{first['world_size']} ranks, {first['device']}; bytes per parameter per rank (largest rank)")
-    print("| ZeRO | peak | held between steps | theory | + bucket allowance | = bound | peak / bound | buckets (elements) |")
+    print("| ZeRO | peak | held between steps | theory | + bucket allowance | = bound | peak / bound "
+          "| buckets (elements) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         bound = row["theory"] + row["allowance"]
         row["ratio_to_bound"] = row["measured"] / bound
         buckets = ", ".join(f"{k.replace('_bucket_size', '')} {v:.3g}" for k, v in row["buckets"].items()) or "-"
-        print(f"| {row['stage']} | {row['measured']:.2f} | {row['held']:.2f} | {row['theory']:.2f} | {row['allowance']:.2f} | "
+        print(f"| {row['stage']} | {row['measured']:.2f} | {row['held']:.2f} | {row['theory']:.2f} | "
+              f"{row['allowance']:.2f} | "
               f"{bound:.2f} | {row['ratio_to_bound']:.3f} | {buckets} |")
     print("theory: P + G + K over their partitions (ds_config.model_state_bytes_per_parameter): fp32 weights P=4, "
           "gradients G=4, K=12 = DeepSpeed's fp32 master copy + Adam's two moments (kept even for an fp32 model)")
@@ -201,10 +205,11 @@ def worker(spec: dict) -> int:
     buckets = {k: float(zero[k]) for k in ("reduce_bucket_size", "allgather_bucket_size",
                                            "stage3_prefetch_bucket_size") if k in zero and stage}
     theory = model_state_bytes_per_parameter(stage, world, weight_bytes=4, gradient_bytes=4)
-    allowance = bucket_allowance_bytes_per_parameter(zero if stage else {}, stage, parameters, weight_bytes=4, gradient_bytes=4,
-                                                     world_size=world)
+    allowance = bucket_allowance_bytes_per_parameter(zero if stage else {}, stage, parameters, weight_bytes=4,
+                                                     gradient_bytes=4, world_size=world)
     print(json.dumps({"rank": int(os.environ["RANK"]), "parameters": parameters, "world_size": world,
-                      "peak_bytes": peak, "held_bytes": held, "theory": theory, "allowance": allowance, "buckets": buckets,
+                      "peak_bytes": peak, "held_bytes": held, "theory": theory, "allowance": allowance,
+                      "buckets": buckets,
                       "device": torch.cuda.get_device_name() if cuda else "CPU"}), flush=True)
     comm.barrier()
     stop_process_group()

@@ -22,7 +22,8 @@ from vitscale.errors import CheckpointError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     verify = actions.add_parser("verify", help="check sizes and checksums of every file against the manifests")
-    verify.add_argument("path", help="a checkpoint directory (step_XXXXXXXX) or a run directory (all its complete ones)")
+    verify.add_argument("path", help="a checkpoint directory (step_XXXXXXXX) or a run directory "
+                                     "(all its complete ones)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,7 +71,8 @@ class EngineConfig:
     # deepspeed (ZeRO-engine.zero_stage, the default), fsdp2 (torch fully_shard per block, DCP
     # checkpoints), local (one process, no wrapper: the reference).
     kind: Literal["deepspeed", "fsdp2", "local"] = "deepspeed"
-    # DeepSpeed JSON (engine.kind=deepspeed only); its "auto" values are filled from this tree, and explicit values must agree.
+    # DeepSpeed JSON (engine.kind=deepspeed only); its "auto" values are filled from this tree,
+    # and explicit values must agree.
     ds_config: str | None = None
     zero_stage: int = 2
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"

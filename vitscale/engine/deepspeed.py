@@ -293,7 +293,8 @@ def _record_recovery_script_failures(engine) -> None:
 
 
 def is_deepspeed_checkpoint(directory: Path) -> bool:
-    return (directory / "mp_rank_00_model_states.pt").is_file() or any(directory.glob("*zero_pp_rank_*_optim_states.pt"))
+    return ((directory / "mp_rank_00_model_states.pt").is_file()
+            or any(directory.glob("*zero_pp_rank_*_optim_states.pt")))
 
 
 def read_deepspeed_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -308,7 +309,8 @@ def read_deepspeed_weights(directory: Path) -> dict[str, torch.Tensor]:
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise CheckpointError(f"{directory}: cannot consolidate its ZeRO partitions ({first_line}); "
-                                  "resume it with the world size that wrote it, or start from exported weights") from None
+                                  "resume it with the world size that wrote it, or start from exported "
+                                  "weights") from None
     states = ckpt.safe_torch_load(directory / "mp_rank_00_model_states.pt")
     module = states.get("module") if isinstance(states, dict) else None
     if not module:

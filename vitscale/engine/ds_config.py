@@ -30,7 +30,8 @@ def read_ds_json(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ConfigError("engine.ds_config", f"{path} line {error.lineno} is not valid JSON", "fix the syntax") from None
+        raise ConfigError("engine.ds_config", f"{path} line {error.lineno} is not valid JSON",
+                          "fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError("engine.ds_config", f"{path} must hold a JSON object", "see configs/zero2.json")
     return data
@@ -195,5 +196,6 @@ def bucket_allowance_bytes_per_parameter(zero: dict[str, Any], stage: int, num_p
     if stage == 3:
         prefetch = min(elements("stage3_prefetch_bucket_size", 5e7), psi)
         live = min(elements("stage3_max_live_parameters", 1e9), psi)
-        return (3 * reduce_bucket * gradient_bytes + prefetch * weight_bytes) / psi + live * weight_bytes * (1 - 1 / n) / psi
+        buffers = 3 * reduce_bucket * gradient_bytes + prefetch * weight_bytes
+        return buffers / psi + live * weight_bytes * (1 - 1 / n) / psi
     return min(MAX_BUCKET_ELEMENTS, psi) * gradient_bytes / psi

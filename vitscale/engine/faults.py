@@ -41,7 +41,8 @@ def requeue_slurm_job(environ: dict[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     job_id = environ.get("SLURM_JOB_ID", "")
     if not re.fullmatch(r"\d{1,20}", job_id):
-        print(f"vitscale: not requeueing: SLURM_JOB_ID={job_id!r} is not a job id (digits)", file=sys.stderr, flush=True)
+        print(f"vitscale: not requeueing: SLURM_JOB_ID={job_id!r} is not a job id (digits)", file=sys.stderr,
+              flush=True)
         return False
     try:
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)

@@ -33,7 +33,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, written: list[Path]) -> str | None:
+def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             written: list[Path]) -> str | None:
     """Write model + optimizer, appending each file this rank wrote to `written`; the first
     failure as text (DCP agrees on it over the ranks)."""
     import torch.distributed.checkpoint as dcp
@@ -45,8 +46,8 @@ def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
         faults.maybe_inject("checkpoint_write", path=directory / DCP_DIR)
-        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=_recording_writer(directory / DCP_DIR, written),
-                 no_dist=not _distributed())
+        dcp.save({"model": model_state, "optim": optim_state},
+                 storage_writer=_recording_writer(directory / DCP_DIR, written), no_dist=not _distributed())
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - ENOSPC comes as OSError, RuntimeError or
         return _first_line(error)                       # CheckpointException (a BaseException: all ranks' errors)
     return None

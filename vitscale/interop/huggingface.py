@@ -195,14 +195,16 @@ def _block_to_hf(sd: dict, src: str, dst: str) -> dict[str, torch.Tensor]:
     qb, kb, vb = sd[src + "attn.qkv.bias"].chunk(3)
     attn = dst + "attention.attention."
     return {
-        dst + "layernorm_before.weight": sd[src + "norm1.weight"], dst + "layernorm_before.bias": sd[src + "norm1.bias"],
+        dst + "layernorm_before.weight": sd[src + "norm1.weight"],
+        dst + "layernorm_before.bias": sd[src + "norm1.bias"],
         attn + "query.weight": q, attn + "query.bias": qb,
         attn + "key.weight": k, attn + "key.bias": kb,
         attn + "value.weight": v, attn + "value.bias": vb,
         dst + "attention.output.dense.weight": sd[src + "attn.proj.weight"],
         dst + "attention.output.dense.bias": sd[src + "attn.proj.bias"],
         dst + "layernorm_after.weight": sd[src + "norm2.weight"], dst + "layernorm_after.bias": sd[src + "norm2.bias"],
-        dst + "intermediate.dense.weight": sd[src + "mlp.fc1.weight"], dst + "intermediate.dense.bias": sd[src + "mlp.fc1.bias"],
+        dst + "intermediate.dense.weight": sd[src + "mlp.fc1.weight"],
+        dst + "intermediate.dense.bias": sd[src + "mlp.fc1.bias"],
         dst + "output.dense.weight": sd[src + "mlp.fc2.weight"], dst + "output.dense.bias": sd[src + "mlp.fc2.bias"],
     }
 

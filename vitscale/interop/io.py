@@ -48,7 +48,8 @@ def detect_format(path: str | Path) -> str:
     """Guess the source format: vitscale weights, timm, Hugging Face, or a Google .npz."""
     path = Path(path)
     if path.is_dir():
-        if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "vit":
+        config = path / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
             return "hf"
         raise CheckpointError(f"{path} is a directory without a Hugging Face ViT config.json; pass a weights file")
     if not path.exists():

@@ -158,7 +158,8 @@ def _attention_from_flax(p: dict, attention: str) -> tuple[dict[str, torch.Tenso
     qkv_w = torch.cat([p[f"{attention}/{n}/kernel"].reshape(width, -1).T for n in ("query", "key", "value")])
     qkv_b = torch.cat([p[f"{attention}/{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
     proj_w = p[f"{attention}/out/kernel"].reshape(-1, width).T
-    return {"qkv.weight": qkv_w, "qkv.bias": qkv_b, "proj.weight": proj_w, "proj.bias": p[f"{attention}/out/bias"]}, heads
+    return {"qkv.weight": qkv_w, "qkv.bias": qkv_b, "proj.weight": proj_w,
+            "proj.bias": p[f"{attention}/out/bias"]}, heads
 
 
 def _block_from_flax(p: dict, names: dict, dst: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -201,7 +202,7 @@ def vitscale_to_npz(state_dict: dict[str, torch.Tensor], model_config,
         raise CheckpointError(f"unknown .npz layout {layout!r}; use vision_transformer or big_vision")
     _check_exportable(model_config, layout)
     shape = model_config.shape()
-    names, width, heads, head_dim = LAYOUTS[layout], shape.width, shape.heads, shape.head_dim
+    names, heads, head_dim = LAYOUTS[layout], shape.heads, shape.head_dim
     sd = {k: v.detach().float().cpu() for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {
         "embedding/kernel": sd["patch_embed.proj.weight"].permute(2, 3, 1, 0),
@@ -236,7 +237,8 @@ def _check_exportable(model_config, layout: str) -> None:
         raise CheckpointError(f"model.pos_embed={model_config.pos_embed} has no Google .npz counterpart; "
                               "export to vitscale safetensors instead")
     if model_config.pos_embed == "sincos_2d" and layout != "big_vision":
-        raise CheckpointError("model.pos_embed=sincos_2d exists only in the big_vision layout; pass --layout big_vision")
+        raise CheckpointError("model.pos_embed=sincos_2d exists only in the big_vision layout; "
+                              "pass --layout big_vision")
     if model_config.classifier == "map" and layout != "big_vision":
         raise CheckpointError("model.classifier=map exists only in the big_vision layout; pass --layout big_vision")
 

@@ -21,8 +21,9 @@ sum_p <p, update_p> backpropagated through the engine: its gradient w.r.t. each 
 ZeRO stages: 0, 1 and 2 keep the full (bf16/fp32) module weights on every rank, so the two
 local gradients come from torch.autograd.grad and the perturbation is an in-place edit restored
 from a copy. Both passes must call the bare module (`engine.module`): a DeepSpeed engine's own
-forward arms its gradient reduction, which belongs to the final surrogate backward only. ZeRO-3 shards the weights: a rank holds 1/world of each tensor and gathers it only
-inside a module's forward, so neither an in-place perturbation of the full tensor nor a local
+forward arms its gradient reduction, which belongs to the final surrogate backward only. ZeRO-3
+shards the weights: a rank holds 1/world of each tensor and gathers it only inside a module's
+forward, so neither an in-place perturbation of the full tensor nor a local
 full gradient exists there; it is rejected by `check_sharpness_aware_config`. fp16 is rejected
 too: the two extra gradients would be taken without DeepSpeed's dynamic loss scale and
 underflow; bf16 and fp32 need no scaling.
