@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vitscale.config import config_from_dict, load_config, save_config, read_yaml_tree
 from vitscale.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
 
@@ -144,3 +147,19 @@ def test_resume_from_a_file_says_it_is_a_file(tmp_path):
         resolve_checkpoint(weights)
     with pytest.raises(CheckpointError, match="not found"):
         resolve_checkpoint(tmp_path / "missing")
+
+
+def test_config_show_imports_no_torch_and_prints_the_shape_a_name_implies():
+    """`vitscale config show` is a newcomer's first command: it must not wait for torch,
+    torchvision, webdataset or prometheus_client to import, and must show H/14's real shape."""
+    code = ("import sys\nfrom vitscale.cli import main\n"
+            "main(['config', 'show', '--config', 'configs/vit_h14_jft.yaml'])\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'webdataset',"
+            " 'prometheus_client', 'deepspeed', 'numpy', 'PIL'})\n"
+            "print('HEAVY', heavy)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout, done.stdout[-300:]
+    model = yaml.safe_load(done.stdout.split("HEAVY")[0])["model"]
+    assert (model["depth"], model["width"], model["mlp_dim"], model["heads"], model["patch_size"]) == \
+        (32, 1280, 5120, 16, 14)

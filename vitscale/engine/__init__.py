@@ -6,22 +6,35 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch loads with the first engine, not with vitscale.engine.config
+    from torch import nn
 
-from vitscale.engine.base import Engine, StepOutcome, set_learning_rate
-from vitscale.engine.distributed import Communicator, Launch, start_process_group
-from vitscale.engine.parallelize import parallelize
+    from vitscale.engine.base import Engine
+    from vitscale.engine.distributed import Communicator
 
-__all__ = ["Communicator", "Engine", "Launch", "StepOutcome", "build_engine", "parallelize", "set_learning_rate",
-           "start_process_group"]
+_LAZY = {"Engine": "vitscale.engine.base", "StepOutcome": "vitscale.engine.base",
+         "set_learning_rate": "vitscale.engine.base", "Communicator": "vitscale.engine.distributed",
+         "Launch": "vitscale.engine.distributed", "start_process_group": "vitscale.engine.distributed",
+         "parallelize": "vitscale.engine.parallelize"}
+
+__all__ = [*_LAZY, "build_engine"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vitscale.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 def build_engine(config, model: nn.Module, comm: Communicator, *, ds_config: dict[str, Any] | None = None,
                  saved_world_size: int | None = None) -> Engine:
     """The engine engine.kind names, around `model` (already parallelized); `saved_world_size`:
     the world size of the checkpoint this job will resume from, if any."""
+    from vitscale.engine.parallelize import parallelize
+
     kind = config.engine.kind
     model = parallelize(model, config)
     if kind == "deepspeed":

@@ -1,8 +1,19 @@
-"""The ViT model family. Imports nothing from torch.distributed or deepspeed: the engine wraps it."""
+"""The ViT model family. Imports nothing from torch.distributed or deepspeed: the engine wraps it.
 
-from vitscale.model.attention import attention
-from vitscale.model.config import SIZES, ModelConfig, ViTShape, parse_model_name
-from vitscale.model.vit import VisionTransformer, build_model, count_parameters
+Names are imported on first use, so `vitscale.model.config` (and `vitscale.config`) load without torch.
+"""
 
-__all__ = ["SIZES", "ModelConfig", "ViTShape", "VisionTransformer", "attention", "build_model",
-           "count_parameters", "parse_model_name"]
+import importlib
+
+_LAZY = {"SIZES": "vitscale.model.config",
+         "ModelConfig": "vitscale.model.config", "ViTShape": "vitscale.model.config",
+         "parse_model_name": "vitscale.model.config", "VisionTransformer": "vitscale.model.vit",
+         "build_model": "vitscale.model.vit", "count_parameters": "vitscale.model.vit"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vitscale.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
