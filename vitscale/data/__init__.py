@@ -4,7 +4,7 @@ The loaders (and torch) are imported on first use, so the torch-free parts (`pla
 `shards`) can be imported alone, e.g. by `vitscale bench replay`.
 """
 
-import importlib
+from vitscale.lazy import lazy_attributes
 
 _LAZY = {"DataConfig": "vitscale.data.config", "Batch": "vitscale.data.loader", "EvalLoader": "vitscale.data.loader",
          "TrainLoader": "vitscale.data.loader", "build_eval_loader": "vitscale.data.loader",
@@ -12,8 +12,4 @@ _LAZY = {"DataConfig": "vitscale.data.config", "Batch": "vitscale.data.loader", 
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vitscale.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from vitscale.lazy import lazy_attributes
 
 if TYPE_CHECKING:  # torch loads with the first engine, not with vitscale.engine.config
     from torch import nn
@@ -22,11 +23,7 @@ _LAZY = {"Engine": "vitscale.engine.base", "StepOutcome": "vitscale.engine.base"
 
 __all__ = [*_LAZY, "build_engine"]
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vitscale.engine' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def build_engine(config, model: nn.Module, comm: Communicator, *, ds_config: dict[str, Any] | None = None,

@@ -1,7 +1,7 @@
 """Evaluation: the paper's few-shot linear evaluation and top-1 accuracy (`vitscale eval`); names
 are imported on first use, so `vitscale.evaluation.config` loads without torch."""
 
-import importlib
+from vitscale.lazy import lazy_attributes
 
 _LAZY = {"PAPER_SHOTS": "vitscale.evaluation.fewshot", "FewShotEvaluator": "vitscale.evaluation.fewshot",
          "extract_representations": "vitscale.evaluation.fewshot",
@@ -11,8 +11,4 @@ _LAZY = {"PAPER_SHOTS": "vitscale.evaluation.fewshot", "FewShotEvaluator": "vits
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vitscale.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

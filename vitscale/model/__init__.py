@@ -3,7 +3,7 @@
 Names are imported on first use, so `vitscale.model.config` (and `vitscale.config`) load without torch.
 """
 
-import importlib
+from vitscale.lazy import lazy_attributes
 
 _LAZY = {"SIZES": "vitscale.model.config",
          "ModelConfig": "vitscale.model.config", "ViTShape": "vitscale.model.config",
@@ -12,8 +12,4 @@ _LAZY = {"SIZES": "vitscale.model.config",
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vitscale.model' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
