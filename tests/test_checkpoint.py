@@ -315,3 +315,69 @@ def test_resume_from_a_named_damaged_checkpoint_stops_every_rank_naming_file_and
     assert checked.returncode == 2, checked.stdout + checked.stderr
     assert f"{saved}: FAILED (1 problem)" in checked.stdout and str(part) in checked.stdout
     assert "engine.resume=auto takes: none" in checked.stdout
+
+
+def manifest_digests(path):
+    """{file: xxh3-128} over every rank's manifest, leaving out the files that differ between two
+    runs by design, compared apart: trainer.json (elapsed seconds), config.yaml (the
+    checkpoint_async setting itself), DCP's .metadata (a fresh save id per save) and the rank
+    files (Python's and NumPy's global RNGs are seeded by the OS in each process)."""
+    digests = {}
+    for rank_manifest in sorted(path.glob("manifest_rank_*.json")):
+        for name, entry in json.loads(rank_manifest.read_text())["files"].items():
+            if name not in ("trainer.json", "config.yaml", "dcp/.metadata") and not name.startswith("rank_"):
+                digests[name] = entry["xxh3_128"]
+    return digests
+
+
+def rank_positions(path):
+    """Each rank's data-loader position and torch RNG state."""
+    states = [ckpt.safe_torch_load(file) for file in sorted(path.glob("rank_*.pt"))]
+    return [(state["loader"], state["rng"]["torch"].tolist(), state["step"]) for state in states]
+
+
+def dcp_index(path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path / "dcp")).read_metadata()
+    return metadata.state_dict_metadata, {key: (item.relative_path, item.offset, item.length)
+                                          for key, item in metadata.storage_data.items()}
+
+
+@pytest.mark.parametrize("kind", ["deepspeed", "fsdp2"])
+def test_background_saves_equal_synchronous_ones_and_a_kill_mid_write_resumes_from_the_previous(
+        tmp_path, engine_digits, kind):
+    """engine.checkpoint_async=true: periodic saves are staged to host memory and written while
+    training goes on. Rank 1 sleeps, then is killed -9, inside its background write of step 4
+    (training has gone on to step 6 meanwhile): step 4 never gets COMPLETE, the rerun resumes
+    from step 2, and every loss and every file of the background saves equals those of a
+    synchronous, uninterrupted run."""
+    common = ("run.steps=6", "engine.checkpoint_every=2", "engine.keep_last=3", f"engine.kind={kind}",
+              "engine.collective_timeout_seconds=20")
+    sync_dir, run_dir = tmp_path / "sync", tmp_path / "async"
+    run_job(tiny_args(sync_dir, engine_digits, *common, "engine.checkpoint_async=false"), tmp_path / "logs_sync")
+    args = tiny_args(run_dir, engine_digits, *common, "engine.checkpoint_async=true")
+    faults = "sleep@point=checkpoint_write,step=4,rank=1,seconds=4;kill@point=checkpoint_write,step=4,rank=1"
+    killed = run_job(args, tmp_path / "logs_killed", expect=None, timeout=150, env={"VITSCALE_INJECT_FAULT": faults},
+                     stop_on_first_failure=True)
+    assert killed.codes[1] == -9, killed.output()
+    assert sorted(step_losses(run_dir)) == [1, 2, 3, 4, 5, 6], killed.output()  # trained on while step 4 was written
+    assert "step 6: the checkpoint of step 4 is still being written; waiting for it" in killed.output(0)
+    assert not ckpt.is_complete(ckpt.checkpoint_dir(run_dir, 4))
+    assert ckpt.latest_complete(run_dir) == ckpt.checkpoint_dir(run_dir, 2)
+    (saved,) = [r for r in read_log(run_dir) if r.get("checkpoint_ok")]
+    assert saved["step"] == 2 and saved["checkpoint_background_seconds"] > 0
+
+    job = run_job(args, tmp_path / "logs_resume")
+    assert f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2" in job.output(0)
+    resumed = [r for r in read_log(run_dir) if "loss" in r][-4:]
+    sync_losses = step_losses(sync_dir)
+    assert [(r["step"], r["loss"]) for r in resumed] == [(s, sync_losses[s]) for s in (3, 4, 5, 6)]  # bitwise
+    for step in (2, 4, 6):  # 2 and 4 written in the background, 6 (the end of the run) synchronously
+        background, synchronous = ckpt.checkpoint_dir(run_dir, step), ckpt.checkpoint_dir(sync_dir, step)
+        assert ckpt.is_complete(background) and not manifest_problems(background)
+        digests = manifest_digests(background)
+        assert len(digests) >= 2 and digests == manifest_digests(synchronous), step
+        assert rank_positions(background) == rank_positions(synchronous)
+        if kind == "fsdp2":
+            assert dcp_index(background) == dcp_index(synchronous)

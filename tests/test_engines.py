@@ -87,9 +87,9 @@ def load_and_dump(t, path, saved):
     load(t, path, saved)
     dump(t, "loaded")
 
-def dump_and_save(t):
+def dump_and_save(t, **options):
     dump(t, "saved")
-    return save(t)
+    return save(t, **options)
 
 train.load_checkpoint, train.save_checkpoint = load_and_dump, dump_and_save
 sys.exit(train.main())

@@ -116,7 +116,8 @@ def test_skipped_nan_checkpoint_eval_and_memory(metrics_factory):
     metrics.record_nan_skip()
     metrics.record_nan_skip()
     before = time.time()
-    metrics.record_checkpoint(12.5, ok=True, written_bytes=4096)
+    metrics.record_checkpoint(12.5, ok=True, written_bytes=4096)  # synchronous: blocked throughout
+    metrics.record_checkpoint(20.0, ok=True, written_bytes=1024, blocked_seconds=0.5, background_seconds=19.25)
     metrics.record_checkpoint(3.0, ok=False)
     metrics.record_rejected_checkpoints(2)
     metrics.record_eval({"top1": 0.625, "top5": 0.9})
@@ -125,10 +126,12 @@ def test_skipped_nan_checkpoint_eval_and_memory(metrics_factory):
     assert value(samples, "vitscale_data_skipped_samples_total", reason="corrupt_image") == 5
     assert value(samples, "vitscale_data_skipped_samples_total", reason="bad_label") == 1
     assert value(samples, "vitscale_train_nan_skipped_steps_total") == 2
-    assert value(samples, "vitscale_checkpoint_save_duration_seconds_sum") == 12.5
-    assert value(samples, "vitscale_checkpoint_save_duration_seconds_count") == 1
+    assert value(samples, "vitscale_checkpoint_save_duration_seconds_sum") == 32.5
+    assert value(samples, "vitscale_checkpoint_save_duration_seconds_count") == 2
+    assert value(samples, "vitscale_checkpoint_blocked_seconds_sum") == 13.0
+    assert value(samples, "vitscale_checkpoint_background_seconds_sum") == 19.25
     assert value(samples, "vitscale_checkpoint_save_failures_total") == 1
-    assert value(samples, "vitscale_checkpoint_written_bytes_total") == 4096
+    assert value(samples, "vitscale_checkpoint_written_bytes_total") == 5120
     assert value(samples, "vitscale_checkpoint_verification_failures_total") == 2
     assert before <= value(samples, "vitscale_checkpoint_last_success_timestamp_seconds") <= time.time()
     assert value(samples, "vitscale_eval_result", metric="top1") == 0.625

@@ -31,6 +31,7 @@ signals.install_early()  # before torch/DeepSpeed load: a SIGTERM/SIGUSR1 from n
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import shutil
 import sys
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -50,7 +52,7 @@ from torch import nn
 from vitscale.config import Config, add_config_arguments, load_config, save_config
 from vitscale.engine import Engine, Launch, build_engine, set_learning_rate, start_process_group
 from vitscale.engine import checkpoint as ckpt
-from vitscale.engine import faults, manifest
+from vitscale.engine import faults, manifest, staging
 from vitscale.engine.distributed import Communicator, is_collective_failure, stop_process_group
 from vitscale.engine.ds_config import deepspeed_config, read_ds_json, resolve_zero_stage
 from vitscale.engine.optim import learning_rate
@@ -353,6 +355,9 @@ class Trainer:
     grace_warned: bool = False
     backends_logged: bool = False
     checkpoint_bytes: int = 0      # this rank's bytes in its last checkpoint save
+    checkpoint_async: bool = False  # periodic saves written in the background (engine.checkpoint_async)
+    pending_save: PendingSave | None = None
+    save_writer: staging.BackgroundWriter = field(default_factory=staging.BackgroundWriter)
     forward_timer: ForwardTimer | None = None
     window_data_wait: float = 0.0  # data-wait seconds since the last logging step
 
@@ -412,6 +417,7 @@ class StepResult:
     nonfinite_loss: bool   # some rank's loss was NaN/inf
     stop: int              # faults.STOP_* agreed by every rank
     data_wait_seconds: float
+    save_in_flight: bool   # some rank is still writing the background save
 
     @property
     def loss_scale_skip(self) -> bool:
@@ -420,7 +426,8 @@ class StepResult:
 
 def train_step(t: Trainer) -> StepResult:
     """One optimizer step over `accumulation` micro-batches. Everything stays on the device but
-    one vector read at the end: whether every rank skipped, and the agreed stop request."""
+    one vector read at the end: whether every rank skipped, the agreed stop request, and whether
+    any rank is still writing a background save."""
     engine = t.engine
     set_learning_rate(engine, learning_rate(t.state.step, t.config))
     started = time.perf_counter()
@@ -437,11 +444,12 @@ def train_step(t: Trainer) -> StepResult:
     step_losses = torch.stack(losses)
     nonfinite_loss = engine.comm.device_any(~torch.isfinite(step_losses).all())
     outcome = engine.step(skip=nonfinite_loss)
-    skipped, nonfinite, term, requeue = engine.comm.host_reduce(
+    writing = t.pending_save is not None and not t.pending_save.files.done()
+    skipped, nonfinite, term, requeue, saving = engine.comm.host_reduce(
         [outcome.skipped, nonfinite_loss, t.stops.requested == faults.STOP_TERM,
-         t.stops.requested == faults.STOP_REQUEUE], "max")
+         t.stops.requested == faults.STOP_REQUEUE, writing], "max")
     stop = faults.STOP_REQUEUE if requeue else faults.STOP_TERM if term else faults.STOP_NONE
-    return StepResult(step_losses, outcome.grad_norm, skipped > 0, nonfinite > 0, stop, data_wait)
+    return StepResult(step_losses, outcome.grad_norm, skipped > 0, nonfinite > 0, stop, data_wait, saving > 0)
 
 
 def sample_weights(engine, valid_masks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -478,6 +486,8 @@ def train(t: Trainer) -> int:
         elif result.skipped:
             code = record_nonfinite(t)
             if code is not None:
+                if t.pending_save is not None:
+                    finish_save(t)  # an earlier, finite state: worth completing
                 return code
         else:
             state.consecutive_nonfinite = 0
@@ -490,12 +500,14 @@ def train(t: Trainer) -> int:
             log_attention_backends(t)
             record_rank_times(t, window_steps)
             window_started, window_steps = time.perf_counter(), 0
+        if t.pending_save is not None and not result.save_in_flight:
+            finish_save(t)  # every rank's background write is done
         run_due_evaluations(t, at_end=False)
         if result.stop:
             return stop_on_request(t, result.stop)
         if config.engine.checkpoint_every and state.step % config.engine.checkpoint_every == 0 \
                 and state.step < total:
-            save_checkpoint(t)
+            save_checkpoint(t, background=t.checkpoint_async)
     run_due_evaluations(t, at_end=True)
     return faults.EXIT_OK if save_checkpoint(t) else faults.EXIT_CHECKPOINT_FAILED
 
@@ -610,35 +622,79 @@ def run_evaluation(t: Trainer, evaluator) -> dict[str, float]:
 # Checkpoints.
 
 
-def save_checkpoint(t: Trainer) -> bool:
-    """Every rank writes its part; COMPLETE is written only after every rank reported success.
-    A failure (full disk, ...) is reported and leaves the previous complete checkpoint in place."""
+@dataclass
+class PendingSave:
+    """A checkpoint whose files this rank has started writing."""
+
+    step: int
+    path: Path
+    files: Future             # resolves to the first failure as text, None once every file is on disk
+    started: float            # time.perf_counter() when the save began
+    blocked_seconds: float    # the loop's wait until the write was under way (all of it when synchronous)
+    background: bool          # written by a thread while training goes on
+    written_at: float | None = None
+
+    def __post_init__(self):
+        self.files.add_done_callback(lambda _: setattr(self, "written_at", time.perf_counter()))
+
+
+def save_checkpoint(t: Trainer, *, background: bool = False) -> bool:
+    """Every rank writes its part; COMPLETE is written only after every rank's files are on disk.
+    `background`: return once the state is staged (the files are written while training goes
+    on; `finish_save` completes the save when every rank reports its write done). A save in
+    flight is finished first. A failure (full disk, ...) is reported and leaves the previous
+    complete checkpoint in place. Returns whether the save completed (True when started in the
+    background)."""
     comm = t.engine.comm
     path = ckpt.checkpoint_dir(t.run_dir, t.state.step)
     if ckpt.is_complete(path):
         return True  # resumed at this very step: it is already saved
+    if t.pending_save is not None:
+        finish_save(t, before_saving=True)
     started = time.perf_counter()
     t.watchdog.beat()
     if t.is_main and path.exists():
         shutil.rmtree(path)  # left by an interrupted attempt at this step
     comm.barrier()
-    failure = write_checkpoint_files(t, path)
+    files = start_checkpoint_files(t, path, background)
+    t.pending_save = PendingSave(t.state.step, path, files, started, time.perf_counter() - started, background)
+    return True if background else finish_save(t)
+
+
+def finish_save(t: Trainer, *, before_saving: bool = False) -> bool:
+    """Wait for this rank's files of the save in flight, agree with every rank, and (rank 0) mark
+    it COMPLETE. Collective: every rank calls it at the same step."""
+    comm, pending = t.engine.comm, t.pending_save
+    t.pending_save = None
+    finishing = time.perf_counter()
+    if before_saving and comm.host_reduce([not pending.files.done()], "max")[0] > 0:
+        t.say(f"step {t.state.step}: the checkpoint of step {pending.step} is still being written; waiting for it "
+              "before saving again (one save in flight at a time)")
+    failure = pending.files.result()
     ok = comm.host_reduce([failure is None], "min")[0] > 0
     if failure:
-        print(f"vitscale: rank {t.launch.rank}: checkpoint {path} failed: {failure}", file=sys.stderr, flush=True)
+        print(f"vitscale: rank {t.launch.rank}: checkpoint {pending.path} failed: {failure}", file=sys.stderr,
+              flush=True)
     if t.is_main:
-        ok = finish_checkpoint(t, path, ok)
+        ok = finish_checkpoint(t, pending.path, pending.step, ok)
     ok = comm.host_reduce([ok], "min")[0] > 0  # every rank learns rank 0's verdict
     t.watchdog.beat()
-    seconds = time.perf_counter() - started
-    t.metrics.record_checkpoint(seconds, ok, t.checkpoint_bytes if ok else 0)
-    t.log({"step": t.state.step, "checkpoint": str(path) if ok else None, "checkpoint_ok": ok,
-           "checkpoint_seconds": seconds})
+    now = time.perf_counter()
+    seconds, blocked = now - pending.started, pending.blocked_seconds + now - finishing
+    background = max(0.0, min(pending.written_at or finishing, finishing) - pending.started - pending.blocked_seconds) \
+        if pending.background else 0.0
+    t.metrics.record_checkpoint(seconds, ok, t.checkpoint_bytes if ok else 0, blocked_seconds=blocked,
+                                background_seconds=background)
+    t.log({"step": pending.step, "checkpoint": str(pending.path) if ok else None, "checkpoint_ok": ok,
+           "checkpoint_seconds": seconds, "checkpoint_blocked_seconds": blocked,
+           "checkpoint_background_seconds": background})
     if ok:
-        t.say(f"step {t.state.step}: saved {path} in {seconds:.1f} s")
+        during = f" ({blocked:.2f} s blocked, {background:.2f} s written in the background, complete at step " \
+            f"{t.state.step})" if pending.background else ""
+        t.say(f"step {pending.step}: saved {pending.path} in {seconds:.1f} s{during}")
         warn_if_stop_cannot_fit(t, seconds)
     else:
-        t.say(f"step {t.state.step}: checkpoint FAILED (see the rank errors above); the latest complete "
+        t.say(f"step {pending.step}: checkpoint FAILED (see the rank errors above); the latest complete "
               f"checkpoint is still {ckpt.latest_complete(t.run_dir)}")
     return ok
 
@@ -656,12 +712,12 @@ def warn_if_stop_cannot_fit(t: Trainer, save_seconds: float) -> None:
           "saves; use --signal=B:USR1@SECONDS (an earlier warning) or ask for a longer KillWait")
 
 
-def finish_checkpoint(t: Trainer, path: Path, ok: bool) -> bool:
+def finish_checkpoint(t: Trainer, path: Path, step: int, ok: bool) -> bool:
     """Rank 0, after every rank wrote its files: the COMPLETE marker and retention; on failure,
     remove the partial directory so it costs no disk."""
     if ok:
         try:
-            ckpt.mark_complete(path, {"step": t.state.step, "world_size": t.launch.world_size,
+            ckpt.mark_complete(path, {"step": step, "world_size": t.launch.world_size,
                                       "manifests": t.launch.world_size})
             ckpt.apply_retention(t.run_dir, t.config.engine.keep_last)
             return True
@@ -671,30 +727,37 @@ def finish_checkpoint(t: Trainer, path: Path, ok: bool) -> bool:
     return False
 
 
-def write_checkpoint_files(t: Trainer, path: Path) -> str | None:
-    """This rank's files; returns the first failure as text instead of raising, so every rank
-    reaches the same collectives."""
+def start_checkpoint_files(t: Trainer, path: Path, background: bool) -> Future:
+    """This rank's files: the engine's (staged to host memory and written by a thread when
+    `background`), its data position and RNG states, on rank 0 trainer.json and the config, then
+    the manifest of them all. Everything of this step is captured before returning. The future
+    resolves to the first failure as text; nothing raises, so every rank reaches the same
+    collectives."""
+    rank = t.launch.rank
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        return f"{error.strerror or error}"
-    failure = t.engine.save(path)
-    if failure:
-        return failure
-    files = list(t.engine.saved_files) + [ckpt.rank_state_path(path, t.launch.rank)]
-    try:
-        ckpt.torch_save_atomic({"rng": ckpt.rng_state(), "loader": t.loader.state_dict(), "step": t.state.step,
-                                "rank": t.launch.rank}, files[-1])
-        if t.is_main:
-            ckpt.write_json(path / "trainer.json", {**t.state.__dict__, "world_size": t.launch.world_size,
-                                                    "engine": t.config.engine.kind,
-                                                    "zero_stage": t.config.engine.zero_stage})
+        return staging.resolved(f"{error.strerror or error}")
+    rank_state = {"rng": ckpt.rng_state(), "loader": copy.deepcopy(t.loader.state_dict()), "step": t.state.step,
+                  "rank": rank}
+    trainer_state = {**t.state.__dict__, "world_size": t.launch.world_size, "engine": t.config.engine.kind,
+                     "zero_stage": t.config.engine.zero_stage}
+    engine_files = t.engine.save_async(path) if background else staging.resolved(t.engine.save(path))
+
+    def write_rest() -> str | None:
+        failure = engine_files.result()
+        if failure:
+            return failure
+        files = list(t.engine.saved_files) + [ckpt.rank_state_path(path, rank)]
+        ckpt.torch_save_atomic(rank_state, files[-1])
+        if rank == 0:
+            ckpt.write_json(path / "trainer.json", trainer_state)
             save_config(t.config, path / "config.yaml")
             files += [path / "trainer.json", path / "config.yaml"]
-        t.checkpoint_bytes = manifest.write_manifest(path, t.launch.rank, files)
-    except (OSError, RuntimeError) as error:  # torch.save reports ENOSPC as RuntimeError
-        return f"{getattr(error, 'strerror', None) or error}"
-    return None
+        t.checkpoint_bytes = manifest.write_manifest(path, rank, files)
+        return None
+
+    return t.save_writer.submit(write_rest) if background else staging.resolved(staging.run_guarded(write_rest))
 
 
 def load_checkpoint(t: Trainer, path: Path, saved: dict[str, Any]) -> None:
@@ -761,7 +824,9 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
                                   run_dir=config.run.directory, gather_objects=comm.all_gather_object)
         trainer = Trainer(config, launch, engine, objective, build_backward(config), loader, metrics, stops,
                           watchdog, evaluators=build_evaluators(config, launch),
-                          forward_timer=ForwardTimer(engine.module, engine.device))
+                          forward_timer=ForwardTimer(engine.module, engine.device),
+                          checkpoint_async=engine.device.type == "cuda" if config.engine.checkpoint_async is None
+                          else config.engine.checkpoint_async)
         if launch.rank == 0:
             trainer.log_file = open(config.run.directory / "log.jsonl", "a")
         if resume is not None:

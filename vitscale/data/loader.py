@@ -328,7 +328,10 @@ class _RankLoader:
         stream = self.stream.configure(self.epoch, self.history, self.batches_done)
         stream.plan()  # here, once: the workers inherit it
         kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+        # A DataLoader draws its workers' base seed from a generator, the global one by default:
+        # its own here (the samples' seeds are vitscale's), so that the global RNG dropout uses
+        # is not moved by the first batch after a resume, which would make the run diverge.
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=torch.Generator(),
                             pin_memory=self.pin_memory, worker_init_fn=ignore_in_worker, **kwargs)
         for payload in loader:
             if isinstance(payload, dict):

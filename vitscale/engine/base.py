@@ -5,7 +5,7 @@
         loss = objective.loss(engine.train_module, images, targets)[0]
     engine.backward(loss, boundary=last_micro_batch)     # the engine scales by 1/accumulation
     outcome = engine.step(skip=nonfinite_loss)           # device flags, no host sync
-    engine.save(path) / engine.load(path, saved_world_size=N)
+    engine.save(path) / engine.save_async(path) / engine.load(path, saved_world_size=N)
 
 Each implementation owns backward, the optimizer step (skipped on every rank when `skip` or a
 non-finite gradient says so: decided on the device, applied by the fused optimizer's
@@ -16,6 +16,7 @@ internals; nothing framework-specific crosses this line.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,12 @@ class Engine(Protocol):
     def save(self, path: Path) -> str | None:
         """This rank's part of the model and optimizer state into `path`, each file listed in
         `saved_files`; the failure as text (every rank still returns, so the verdict can be agreed)."""
+
+    def save_async(self, path: Path) -> Future:
+        """`save`, blocking only while this rank's state is copied to host memory; the files are
+        then written in the background. The future resolves to the failure text (None: every
+        file written and fsync'd, listed in `saved_files`). One save in flight at a time: the
+        caller waits for it before the next save or load."""
 
     def load(self, path: Path, *, saved_world_size: int) -> None:
         """Model and optimizer state from `path`, written by `saved_world_size` ranks."""

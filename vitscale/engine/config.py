@@ -88,6 +88,11 @@ class EngineConfig:
     # complete checkpoints (the newest complete one is never deleted).
     checkpoint_every: int = 1000
     keep_last: int = 3
+    # Periodic saves in the background: the step waits only while the state is copied to host
+    # memory, then the files are written while training goes on (one save in flight; COMPLETE
+    # once every rank's files are on disk). Saves on a stop signal and at the end always wait.
+    # null: on with GPUs; off on CPUs, where the writer competes with training for the cores.
+    checkpoint_async: bool | None = None
     # "auto": resume from the run directory's latest complete checkpoint if there is one;
     # "never": start fresh (refused if checkpoints exist); or a checkpoint directory to start from.
     resume: str = "auto"

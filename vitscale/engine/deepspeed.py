@@ -22,6 +22,7 @@ import contextlib
 import logging
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from vitscale.engine import checkpoint as ckpt
+from vitscale.engine import staging
 from vitscale.engine.base import StepOutcome
 from vitscale.engine.distributed import Communicator
 from vitscale.engine.ds_config import fill_bucket_sizes
@@ -82,7 +84,9 @@ class DeepSpeedEngine:
             if "not supported on your device" not in str(error):
                 raise
             raise ConfigError("engine.precision", f"{self.precision}: {error}", "use bf16 or fp32 here") from None
-        self.engine.checkpoint_engine = build_checkpoint_engine(self.engine._config)
+        self.engine.checkpoint_engine = build_checkpoint_engine(self.engine._config,
+                                                                staging.HostStager(pin=self.device.type == "cuda"))
+        self.writer = staging.BackgroundWriter("vitscale-deepspeed-checkpoint")
         _record_recovery_script_failures(self.engine)
         self.module, self.train_module = self.engine.module, self.engine
         self.base_optimizer = optimizer
@@ -146,6 +150,26 @@ class DeepSpeedEngine:
         engine_io.failure, engine_io.written = None, []
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={}, save_latest=False)
         return engine_io.failure
+
+    def save_async(self, path: Path) -> Future:
+        """DeepSpeed's save_checkpoint with the staging engine: each state dict it hands over is
+        copied to host memory (the step waits for that), then written by the background thread."""
+        engine_io = self.engine.checkpoint_engine
+        engine_io.failure, engine_io.written, engine_io.staged = None, [], []
+        try:
+            self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={}, save_latest=False)
+        finally:
+            staged, engine_io.staged = engine_io.staged, None
+        if engine_io.failure:
+            return staging.resolved(engine_io.failure)
+
+        def write() -> str | None:
+            for state, file in staged:
+                ckpt.torch_save_atomic(state, file)
+                engine_io.written.append(file)
+            return None
+
+        return self.writer.submit(write)
 
     def load(self, path: Path, *, saved_world_size: int) -> None:
         tag = path.name
@@ -228,12 +252,16 @@ def _convert_to_universal(path: Path) -> str | None:
     return None
 
 
-def build_checkpoint_engine(config_params: Any = None):
+def build_checkpoint_engine(config_params: Any = None, stager: staging.HostStager | None = None):
     """A DeepSpeed checkpoint engine that writes atomically and loads with weights_only.
 
     A failed write (full disk) is recorded in `.failure` instead of raised, so the rank stays in
     step with DeepSpeed's barriers; `save_checkpoint` then decides with every rank. `.written`
-    lists the files written, for the checkpoint's manifest."""
+    lists the files written, for the checkpoint's manifest. While `.staged` is a list (an
+    asynchronous save), `save` copies each state dict to host memory with `stager` and queues it
+    there instead of writing it: DeepSpeed's own decoupled engine hands the live tensors to a
+    subprocess through its aio writer and waits for the write at the next optimizer step, so it
+    overlaps one step at most; this one overlaps every step until the write is done."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from vitscale.engine.checkpoint import safe_torch_load, torch_save_atomic
@@ -243,14 +271,18 @@ def build_checkpoint_engine(config_params: Any = None):
             super().__init__(config_params)
             self.failure: str | None = None
             self.written: list[Path] = []
+            self.staged: list[tuple[Any, Path]] | None = None
 
         def save(self, state_dict, path):
             if self.failure is not None:
                 return
             try:
+                if self.staged is not None:
+                    self.staged.append((stager.stage(state_dict, key=Path(path).name), Path(path)))
+                    return
                 torch_save_atomic(state_dict, Path(path))
                 self.written.append(Path(path))
-            except (OSError, RuntimeError) as error:  # torch.save reports ENOSPC as RuntimeError
+            except (OSError, RuntimeError) as error:  # torch.save's ENOSPC, staging's host OOM: RuntimeError
                 self.failure = f"{Path(path).name}: {getattr(error, 'strerror', None) or error}"
 
         def load(self, path, map_location=None):

@@ -104,6 +104,17 @@ class Communicator:
         if self.distributed:
             self._all_reduce(torch.zeros(1, device=self.device), "sum").tolist()
 
+    def new_background_group(self):
+        """A second gloo group over every rank (None without a process group), for collectives
+        a background thread runs while the loop goes on using the main group: DCP's asynchronous
+        save. Two threads must never share a group (their collectives would pair up wrongly).
+        Every rank makes this call at the same point."""
+        if not self.distributed:
+            return None
+        import torch.distributed as dist
+
+        return dist.new_group(backend="gloo")  # engine.collective_timeout_seconds (apply_timeout_to_new_groups)
+
     def all_gather_object(self, value) -> list:
         """Every rank's `value` (picklable), indexed by rank."""
         if not self.distributed:

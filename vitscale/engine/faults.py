@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import re
@@ -106,6 +107,7 @@ def _parse_faults(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 _context: dict[str, int] = {"step": -1, "rank": int(os.environ.get("RANK", "0") or 0)}
+_thread = threading.local()  # a background checkpoint writer's own step (the save it belongs to)
 
 
 def set_context(*, step: int | None = None, rank: int | None = None) -> None:
@@ -113,6 +115,24 @@ def set_context(*, step: int | None = None, rank: int | None = None) -> None:
         _context["step"] = step
     if rank is not None:
         _context["rank"] = rank
+
+
+def current_step() -> int:
+    return getattr(_thread, "step", _context["step"])
+
+
+@contextlib.contextmanager
+def thread_step(step: int):
+    """Within this block, this thread's faults fire at `step` (a background write of that step's save)."""
+    previous = getattr(_thread, "step", None)
+    _thread.step = step
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _thread.step
+        else:
+            _thread.step = previous
 
 
 def maybe_inject(point: str, **details: Any) -> str | None:
@@ -124,7 +144,7 @@ def maybe_inject(point: str, **details: Any) -> str | None:
     for kind, params in _parse_faults(text):
         if params.get("point", _DEFAULT_POINT.get(kind)) != point:
             continue
-        if "step" in params and int(params["step"]) != _context["step"]:
+        if "step" in params and int(params["step"]) != current_step():
             continue
         if "rank" in params and int(params["rank"]) != _context["rank"]:
             continue

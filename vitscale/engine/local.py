@@ -9,6 +9,7 @@ FSDP2 (vitscale/engine/fsdp2.py) is this engine with the module sharded.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ class TorchEngine:
         self.optimizer = build_optimizer(config.optim, self.module)
         self.input_dtype = torch.float32  # autocast / the mixed-precision policy casts inside
         self.saved_files: list[Path] = []
+        self._async_writer: torch_state.RecordingWriter | None = None
+        self._background_group = None
 
     def prepare_module(self, model: nn.Module, config) -> nn.Module:
         return model
@@ -74,6 +77,14 @@ class TorchEngine:
     def save(self, path: Path) -> str | None:
         self.saved_files = []
         return torch_state.save_dcp(path, self.module, self.optimizer, self.saved_files)
+
+    def save_async(self, path: Path) -> Future:
+        self.saved_files = []
+        if self._async_writer is None:  # the first asynchronous save: every rank is here together
+            self._async_writer = torch_state.RecordingWriter(path, keep_staging_buffers=self.device.type == "cuda")
+            self._background_group = self.comm.new_background_group()
+        return torch_state.save_dcp_async(path, self.module, self.optimizer, self.saved_files, self._async_writer,
+                                          self._background_group)
 
     def load(self, path: Path, *, saved_world_size: int) -> None:
         torch_state.load_dcp(path, self.module, self.optimizer)

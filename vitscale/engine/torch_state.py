@@ -11,11 +11,14 @@ state. Optimizer state is fp32 and copied, never recomputed: resharding is exact
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
 
 DCP_DIR = "dcp"
 # DCP warns that it "assumes" one process when no process group exists: for the local engine,
@@ -41,34 +44,69 @@ def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from vitscale.engine import faults
-
     model_state, optim_state = get_state_dict(model, optimizer)
+    writer = RecordingWriter(directory / DCP_DIR)
+    writer.written = written
     try:
-        faults.maybe_inject("checkpoint_write", path=directory / DCP_DIR)
-        dcp.save({"model": model_state, "optim": optim_state},
-                 storage_writer=_recording_writer(directory / DCP_DIR, written), no_dist=not _distributed())
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer, no_dist=not _distributed())
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - ENOSPC comes as OSError, RuntimeError or
         return _first_line(error)                       # CheckpointException (a BaseException: all ranks' errors)
     return None
 
 
-def _recording_writer(directory: Path, written: list[Path]):
-    """DCP's file writer, noting the files it wrote: this rank's shards and, on the
-    coordinator, the metadata."""
-    from torch.distributed.checkpoint import FileSystemWriter
+def save_dcp_async(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, written: list[Path],
+                   writer: RecordingWriter, group) -> Future:
+    """DCP's async_save: the state is staged to host memory by `writer` (pinned and kept
+    between saves on a GPU) while the step waits, then written by DCP's thread, whose
+    collectives run on `group` (a gloo group of their own: the loop keeps using the main one).
+    The future resolves to the failure text, None once every file is written and fsync'd."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    class RecordingWriter(FileSystemWriter):
-        def write_data(self, plan, planner):
-            future = super().write_data(plan, planner)
-            written.extend(directory / result.storage_data.relative_path for result in future.wait())
-            return future
+    from vitscale.engine import faults, staging
 
-        def finish(self, metadata, results):
-            super().finish(metadata, results)
-            written.append(directory / ".metadata")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    writer.written, writer.fault_step = written, faults.current_step()
+    try:
+        upload = dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR),
+                                storage_writer=writer, process_group=group, no_dist=not _distributed())
+    except Exception as error:  # noqa: BLE001 - staging failed (host memory): this save's verdict
+        return staging.resolved(_first_line(error))
+    verdict: Future = Future()
 
-    return RecordingWriter(str(directory))
+    def resolve(done: Future) -> None:
+        error = done.exception()
+        verdict.set_result(None if error is None else _first_line(error))
+
+    upload.add_done_callback(resolve)
+    return verdict
+
+
+class RecordingWriter(FileSystemWriter):
+    """DCP's file writer (each file fsync'd), noting the files it wrote in `.written`: this
+    rank's shards and, on the coordinator, the metadata. Async saves reuse one writer, passing
+    each checkpoint's directory anew; `keep_staging_buffers` stages into pinned host buffers
+    kept for the next save (GPU only). Fault injection fires where the data is written, in
+    whichever thread writes it."""
+
+    def __init__(self, directory: Path, *, keep_staging_buffers: bool = False):
+        super().__init__(str(directory), cache_staged_state_dict=keep_staging_buffers)
+        self.written: list[Path] = []
+        self.fault_step: int | None = None
+
+    def write_data(self, plan, planner):
+        from vitscale.engine import faults
+
+        directory = Path(self.path)
+        with faults.thread_step(self.fault_step) if self.fault_step is not None else contextlib.nullcontext():
+            faults.maybe_inject("checkpoint_write", path=directory)
+        future = super().write_data(plan, planner)
+        self.written.extend(directory / result.storage_data.relative_path for result in future.wait())
+        return future
+
+    def finish(self, metadata, results):
+        super().finish(metadata, results)
+        self.written.append(Path(self.path) / ".metadata")
 
 
 def load_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

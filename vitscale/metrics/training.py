@@ -107,8 +107,16 @@ class TrainingMetrics:
         self.nan_skipped_steps = counter("vitscale_train_nan_skipped_steps",
                                          "Steps skipped because the loss or gradients were not finite")
         self.checkpoint_seconds = histogram("vitscale_checkpoint_save_duration_seconds",
-                                            "Wall time of successful checkpoint saves",
+                                            "Wall time of successful checkpoint saves, start to COMPLETE",
                                             CHECKPOINT_SECONDS_BUCKETS)
+        self.checkpoint_blocked_seconds = histogram("vitscale_checkpoint_blocked_seconds",
+                                                    "Time training stood still for a successful save (all of "
+                                                    "it when synchronous; staging and the final agreement "
+                                                    "when asynchronous)", CHECKPOINT_SECONDS_BUCKETS)
+        self.checkpoint_background_seconds = histogram("vitscale_checkpoint_background_seconds",
+                                                       "Time a successful asynchronous save was written while "
+                                                       "training went on (0 for synchronous saves)",
+                                                       CHECKPOINT_SECONDS_BUCKETS)
         self.checkpoint_failures = counter("vitscale_checkpoint_save_failures", "Failed checkpoint saves")
         self.checkpoint_bytes = counter("vitscale_checkpoint_written_bytes",
                                         "Bytes this rank wrote into checkpoints that completed")
@@ -243,9 +251,12 @@ class TrainingMetrics:
     def record_nan_skip(self) -> None:
         self._with(self.nan_skipped_steps).inc()
 
-    def record_checkpoint(self, seconds: float, ok: bool, written_bytes: int = 0) -> None:
+    def record_checkpoint(self, seconds: float, ok: bool, written_bytes: int = 0, *,
+                          blocked_seconds: float | None = None, background_seconds: float = 0.0) -> None:
         if ok:
             self._with(self.checkpoint_seconds).observe(seconds)
+            self._with(self.checkpoint_blocked_seconds).observe(seconds if blocked_seconds is None else blocked_seconds)
+            self._with(self.checkpoint_background_seconds).observe(background_seconds)
             self._with(self.checkpoint_last_success).set(time.time())
             self._with(self.checkpoint_bytes).inc(written_bytes)
         else:
