@@ -351,7 +351,7 @@ def test_background_saves_equal_synchronous_ones_and_a_kill_mid_write_resumes_fr
     training goes on. Rank 1 sleeps, then is killed -9, inside its background write of step 4
     (training has gone on to step 6 meanwhile): step 4 never gets COMPLETE, the rerun resumes
     from step 2, and every loss and every file of the background saves equals those of a
-    synchronous, uninterrupted run."""
+    synchronous, uninterrupted run, though training went on while they were written."""
     common = ("run.steps=6", "engine.checkpoint_every=2", "engine.keep_last=3", f"engine.kind={kind}",
               "engine.collective_timeout_seconds=20")
     sync_dir, run_dir = tmp_path / "sync", tmp_path / "async"
@@ -368,8 +368,11 @@ def test_background_saves_equal_synchronous_ones_and_a_kill_mid_write_resumes_fr
     (saved,) = [r for r in read_log(run_dir) if r.get("checkpoint_ok")]
     assert saved["step"] == 2 and saved["checkpoint_background_seconds"] > 0
 
-    job = run_job(args, tmp_path / "logs_resume")
+    # Every rank's write of step 4 now outlasts steps 5 and 6, whose updates must not reach its files:
+    slow_writes = {"VITSCALE_INJECT_FAULT": "sleep@point=checkpoint_write,step=4,seconds=3"}
+    job = run_job(args, tmp_path / "logs_resume", env=slow_writes)
     assert f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2" in job.output(0)
+    assert "step 6: the checkpoint of step 4 is still being written; waiting for it" in job.output(0)
     resumed = [r for r in read_log(run_dir) if "loss" in r][-4:]
     sync_losses = step_losses(sync_dir)
     assert [(r["step"], r["loss"]) for r in resumed] == [(s, sync_losses[s]) for s in (3, 4, 5, 6)]  # bitwise
