@@ -8,8 +8,12 @@ The state is the engine's own after one AdamW step (fp32 weights and two moments
 parameter), written by the code a training save runs: `engine.save` (DCP or DeepSpeed's files,
 each fsync'd) and the checksum manifest (vitscale/engine/manifest.py). Raw baseline: the same
 number of bytes written in 8 MiB blocks to one file and fsync'd, then read back. Reads come from
-the page cache unless `--drop-caches` (root) empties it first; the table says which. Saves are
-synchronous: the training step is blocked for the whole save.
+the page cache unless `--drop-caches` (root) empties it first; the table says which.
+
+Each repeat saves the same state twice: synchronously (the step is blocked for the whole write)
+and with `engine.save_async` as engine.checkpoint_async=true does (blocked only while the state
+is staged to host memory; a writer thread writes it). The two saves' files are compared by
+checksum (DCP's .metadata, which carries a fresh save id, left out).
 """
 
 from __future__ import annotations
@@ -66,6 +70,14 @@ def raw_write_read(directory: Path, size: int, drop: bool) -> tuple[float, float
     return write_seconds, read_seconds, cold
 
 
+def engine_file_digests(directory: Path) -> dict[str, str]:
+    """{file: checksum} of a single-rank checkpoint's engine files, from its manifest."""
+    from vitscale.engine import manifest
+
+    files = json.loads(manifest.manifest_path(directory, 0).read_text())["files"]
+    return {name: entry[manifest.DIGEST] for name, entry in files.items() if not name.endswith(".metadata")}
+
+
 def build(args):
     import torch
 
@@ -102,9 +114,11 @@ def run(args: argparse.Namespace) -> int:
     root.mkdir(parents=True)
     engine = build(args)
     saves, loads, verifies, size = [], [], [], 0
+    blocked, background, identical = [], [], True
     for attempt in range(max(1, args.repeats)):
-        path = root / f"step_{attempt:08d}"
+        path, async_path = root / f"step_{attempt:08d}", root / f"async_{attempt:08d}"
         path.mkdir()
+        async_path.mkdir()
         started = time.perf_counter()
         failure = engine.save(path)
         if failure:
@@ -112,6 +126,17 @@ def run(args: argparse.Namespace) -> int:
             return 1
         size = manifest.write_manifest(path, 0, list(engine.saved_files))
         saves.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        pending = engine.save_async(async_path)
+        blocked.append(time.perf_counter() - started)
+        failure = pending.result()
+        if failure:
+            print(f"vitscale bench checkpoint: the background save failed: {failure}")
+            return 1
+        manifest.write_manifest(async_path, 0, list(engine.saved_files))
+        background.append(time.perf_counter() - started)
+        identical &= engine_file_digests(path) == engine_file_digests(async_path)
+        shutil.rmtree(async_path)
         cold = drop_caches(args.drop_caches)
         started = time.perf_counter()
         problems = manifest.verify(path, 1)
@@ -133,14 +158,17 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|---|")
     for name, rate, raw in rows:
         print(f"| {name} | {rate:.2f} | {raw:.2f} | {rate / raw:.2f} |")
-    print(f"blocked time of a save: {min(saves):.2f} s (synchronous saves: the step waits for the whole write)")
+    print(f"blocked time of a save: synchronous {min(saves):.2f} s, asynchronous {min(blocked):.2f} s "
+          f"({min(blocked) / min(saves):.1%} of it; the background write took {min(background):.2f} s); "
+          f"files of both saves {'identical' if identical else 'DIFFERENT'} by checksum")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "model": args.model, "engine": args.engine, "bytes": size, "save_seconds": saves, "load_seconds": loads,
-            "verify_seconds": verifies, "raw_write_seconds": raw_write, "raw_read_seconds": raw_read,
+            "verify_seconds": verifies, "async_blocked_seconds": blocked, "async_total_seconds": background,
+            "async_files_identical": identical, "raw_write_seconds": raw_write, "raw_read_seconds": raw_read,
             "cold_reads": bool(cold and raw_cold),
             "rows": [{"operation": n, "gb_per_s": r, "raw_gb_per_s": w, "ratio": r / w} for n, r, w in rows]},
             indent=1))
     shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return 0 if identical else 1
