@@ -14,7 +14,7 @@ from vitscale.errors import VitscaleError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vitscale.train", "train a ViT (single process, torchrun or the deepspeed launcher)"),
-    "config": ("vitscale.config_cli", "show or check the resolved config tree"),
+    "config": ("vitscale.config_cli", "show, check or explain (document) the resolved config tree"),
     "model": ("vitscale.model.cli", "parameter counts and FLOPs of a model config"),
     "demo": ("vitscale.demo", "train a tiny ViT on a small real dataset on CPU (the README's demo)"),
     "shards": ("vitscale.data.cli", "write and check WebDataset shards"),
@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # argparse fills `weights KEY=VALUE...` positionals in one go, so overrides written after
-        # options (`vitscale eval top1 W --shards S model.x=1`) arrive here: keep them in order.
-        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        # options (`vitscale eval top1 W --shards S model.x=1`, `config explain --config F KEY`)
+        # arrive here: keep them in order (a word that is no override is refused by the config).
+        if hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -11,9 +11,14 @@ what it changes. The resolved tree is saved with every run and checkpoint (`save
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,12 +39,17 @@ from vitscale.research.config import FinetuneConfig, MaskedPatchConfig, check_re
 
 @dataclass
 class RunConfig:
+    # The run's name: its directory below output_dir (and the vitscale_run label of its
+    # Prometheus targets).
     name: str = "vitscale"
     # Everything a run writes (config.yaml, logs, checkpoints) goes below output_dir/name.
     output_dir: str = "runs"
+    # Seeds initialisation, data order and augmentation (each sample's augmentation from seed,
+    # epoch and sample index, so a resumed run draws what the uninterrupted one would have).
     seed: int = 0
     # Optimizer steps to train for; the schedule's horizon unless schedule.total_steps is set.
     steps: int = 1000
+    # Print a progress line and append a record to log.jsonl every N steps.
     log_every: int = 10
     # Learning objective: supervised classification or masked patch prediction.
     objective: Literal["classification", "masked_patch"] = "classification"
@@ -270,6 +280,101 @@ def _deep_merge(into: dict, update: dict) -> None:
             _deep_merge(into[key], value)
         else:
             into[key] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Field documentation: the comments written above (or beside) each field of the dataclasses.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its documentation} read from the class's source. A comment block documents the
+    field right below it and the fields that follow it line after line (one block for a group
+    such as checkpoint_every/keep_last); a comment at the end of the field's line is appended."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    trailing = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT and lines[token.start[0] - 1].strip()[:1] != "#"}
+    docs: dict[str, str] = {}
+    group, previous_end = "", -1
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            group, previous_end = "", -1
+            continue
+        above, row = [], node.lineno - 2
+        while row >= 0 and lines[row].strip().startswith("#"):
+            above.insert(0, lines[row].strip().lstrip("#").strip())
+            row -= 1
+        if above:
+            group = " ".join(above)
+        elif node.lineno - 1 != previous_end:
+            group = ""  # a blank line or other code since the last documented field
+        docs[node.target.id] = " ".join(part for part in (group, trailing.get(node.lineno, "")) if part)
+        previous_end = node.end_lineno
+    return docs
+
+
+def explain(config: Config, keys: typing.Sequence[str]) -> str:
+    """Each field below the dotted keys (a section or a leaf; none: the whole tree) with its type,
+    default, the configured value and its documentation."""
+    out = []
+    for key in keys or [""]:
+        node, cls, prefix = config, Config, ""
+        for part in (key.split(".") if key else []):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if not dataclasses.is_dataclass(node) or part not in names:
+                close = difflib.get_close_matches(_join(prefix, part), _all_keys(Config), n=1)
+                raise ConfigError(key, "unknown key", f"did you mean {close[0]}?" if close else
+                                  "`vitscale config explain` lists every key")
+            prefix = _join(prefix, part)
+            node = getattr(node, part)
+            cls = type(node) if dataclasses.is_dataclass(node) else cls
+        if dataclasses.is_dataclass(node):
+            out.extend(_explain_section(node, prefix))
+        else:
+            section, name = prefix.rpartition(".")[0], prefix.rpartition(".")[2]
+            owner = config
+            for part in section.split(".") if section else []:
+                owner = getattr(owner, part)
+            out.append(_explain_field(owner, name, prefix))
+    return "\n".join(out) + "\n"
+
+
+def _explain_section(section: Any, prefix: str) -> list[str]:
+    out = []
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_explain_section(value, _join(prefix, item.name)))
+        else:
+            out.append(_explain_field(section, item.name, _join(prefix, item.name)))
+    return out
+
+
+def _explain_field(section: Any, name: str, key: str) -> str:
+    item = next(f for f in dataclasses.fields(section) if f.name == name)
+    default = item.default if item.default is not dataclasses.MISSING else (
+        item.default_factory() if item.default_factory is not dataclasses.MISSING else None)
+    kind = typing.get_type_hints(type(section))[name]
+    kind_text = getattr(kind, "__name__", None) if isinstance(kind, type) else str(kind).replace("typing.", "")
+    value = getattr(section, name)
+    setting = f"default {_yaml_scalar(default)}" + ("" if value == default else f", configured {_yaml_scalar(value)}")
+    doc = field_docs(type(section)).get(name) or "(no documentation)"
+    return f"{key}: {kind_text} ({setting})\n" + textwrap.fill(doc, 96, initial_indent="    ", subsequent_indent="    ")
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        keys.append(_join(prefix, item.name))
+        if dataclasses.is_dataclass(hints[item.name]):
+            keys.extend(_all_keys(hints[item.name], _join(prefix, item.name)))
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------

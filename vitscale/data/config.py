@@ -24,6 +24,7 @@ class DataConfig:
     # Class names -> ids for `.json` labels given as names: a JSON list or {name: id}, or a text
     # file with one name per line. Empty: labels must be integer ids.
     class_map: str = ""
+    # DataLoader worker processes per rank that read, decode and augment (0: in the main process).
     num_workers: int = 4
     # Samples each worker holds for shuffling (raw bytes, not decoded images).
     shuffle_buffer: int = 5000
@@ -54,6 +55,7 @@ class DataConfig:
     # RandomResizedCrop area and aspect-ratio ranges (torchvision / Inception defaults).
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    # Random horizontal flip (p = 0.5) after the crop.
     hflip: bool = True
     # Normalisation to [-1, 1], as the released ViT code does.
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -65,7 +67,9 @@ class DataConfig:
     randaugment_magnitude: int = 10
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    # Page-locked host batches, so the host-to-GPU copy can overlap the step.
     pin_memory: bool = True
+    # Batches each worker prepares ahead of the step that consumes them.
     prefetch_factor: int = 2
 
     def validate(self) -> None:

@@ -14,13 +14,17 @@ class OptimConfig:
     # Paper: Adam(W) for pretraining, SGD with momentum 0.9 for fine-tuning. sam / gsam wrap
     # optim.base_optimizer with a sharpness-aware gradient (vitscale/research/sam.py; ZeRO 0-2).
     name: Literal["adamw", "sgd", "sam", "gsam"] = "adamw"
+    # Peak learning rate, reached at the end of warmup (paper: about 1e-3 at batch 4096 for
+    # pretraining; the larger models use less); the schedule scales it.
     lr: float = 1e-3
+    # Adam's moment decay rates and epsilon (paper: beta1 0.9, beta2 0.999).
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     # Decoupled decay on weight matrices only: never on norms, biases, position embeddings
     # or the [class] token. The paper found high decay (0.1) helps pretraining.
     weight_decay: float = 0.1
+    # SGD momentum (optim.name=sgd, or sam/gsam over sgd; paper fine-tuning: 0.9).
     momentum: float = 0.9
     # Clip the global gradient norm (paper: 1.0); 0 disables.
     grad_clip: float = 1.0
@@ -74,7 +78,11 @@ class EngineConfig:
     # DeepSpeed JSON (engine.kind=deepspeed only); its "auto" values are filled from this tree,
     # and explicit values must agree.
     ds_config: str | None = None
+    # ZeRO stage (deepspeed): 0 replicates everything, 1 shards optimizer states, 2 also
+    # gradients, 3 also parameters (FSDP2 always shards all three, like 3).
     zero_stage: int = 2
+    # Compute precision: bf16 (fp32 master weights, optimizer states and gradient reduction),
+    # fp16 (with DeepSpeed's dynamic loss scaling; deepspeed only) or fp32.
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     # Images per rank per forward pass (micro-batch) and images per optimizer step (global batch);
     # gradient accumulation = global / (micro x world size) and must be a whole number.

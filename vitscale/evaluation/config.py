@@ -18,11 +18,13 @@ class FewShotConfig:
     test_shards: str = ""
     # Classes of the few-shot dataset; 0 means model.num_classes.
     num_classes: int = 0
+    # Training images per class, one ridge fit per value (paper: 1, 5, 10, 25).
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
     # Held-out images scored per evaluation (the first ones in shard order).
     max_test_images: int = 10000
     # Ridge coefficient; null chooses it per evaluation by leave-one-out on the few-shot images.
     l2_reg: float | None = None
+    # Images per forward pass when extracting features (no gradients are kept).
     micro_batch_size: int = 64
 
     def validate(self) -> None:

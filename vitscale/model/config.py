@@ -57,7 +57,9 @@ class ViTShape:
 class ModelConfig:
     # "B/16", "H/14", ...: size from SIZES, patch from the number.
     name: str = "B/16"
+    # Training resolution in pixels (square); fine-tuning at 384 resamples the position embeddings.
     image_size: int = 224
+    # Image channels (3: RGB; the loader converts grayscale and CMYK).
     in_channels: int = 3
     # 21,843 for ImageNet-21k; 0 builds the backbone without a classification head.
     num_classes: int = 21843
@@ -67,18 +69,33 @@ class ModelConfig:
     mlp_dim: int | None = None
     heads: int | None = None
     patch_size: int | None = None
+    # Image representation fed to the head: the [class] token (paper), global average pooling of
+    # the patch tokens, or multi-head attention pooling (big_vision's "map").
     classifier: Classifier = "token"
+    # Position embeddings: none, learned 1-D (paper default), learned 2-D (row + column),
+    # fixed 2-D sine-cosine, or a learned relative bias inside attention (sdpa/math backends).
     pos_embed: PosEmbed = "learned_1d"
+    # LayerNorm before each residual branch (pre-LN, the paper's ViT) or after the residual sum.
     norm_position: Literal["pre", "post"] = "pre"
+    # Attention kernel: math (plain PyTorch), sdpa (torch's scaled_dot_product_attention), triton
+    # (vitscale's fused kernel, kernels/), flash (flash-attn, GPU only), or auto: sdpa where a bias
+    # or dropout is needed, else what `vitscale bench attention --save-choices` measured fastest
+    # for this device and shape (sdpa when nothing was measured).
     attention_backend: AttentionBackend = "auto"
+    # Dropout after each MLP layer and the attention output projection, and on the embeddings
+    # (paper: 0.1 for ImageNet-1k, none at scale).
     dropout: float = 0.0
+    # Dropout on the attention probabilities (sdpa and math backends only).
     attention_dropout: float = 0.0
     # Stochastic depth: drop-path rate of the last block, linearly increasing from 0.
     drop_path: float = 0.0
     # Pretraining head: a tanh "pre-logits" layer of this size before the classifier (paper);
     # None or 0 for none. Fine-tuning replaces the head with one zero-initialised linear layer.
     representation_size: int | None = None
+    # Which head is built: the pretraining head (with the pre-logits layer above, if any) or the
+    # fine-tuning one (a single zero-initialised linear layer).
     head: Literal["pretrain", "finetune"] = "pretrain"
+    # Epsilon of every LayerNorm (1e-6 as in the released ViT code; timm's ViTs use the same).
     layer_norm_eps: float = 1e-6
     # MLP nonlinearity: exact GELU (PyTorch, timm, Hugging Face) or its tanh approximation (Flax's
     # default, so the Google/big_vision checkpoints were trained with it).

@@ -41,7 +41,9 @@ class MaskedPatchConfig:
     # random patch's embedding; the rest are kept unchanged (paper: 80/10/10, as BERT).
     mask_prob: float = 0.8
     random_prob: float = 0.1
+    # Bits per colour channel of the mean_color/downsized targets (paper: 3, i.e. 512 colours).
     color_bits: int = 3
+    # Side of the downsized target (paper: 4, a 4x4 version of each patch).
     downsized_size: int = 4
 
     def validate(self) -> None:
