@@ -113,8 +113,10 @@ def assert_states_equal(saved: dict, loaded: dict, what: str) -> None:
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
 def test_resume_on_another_world_size_is_exact(tmp_path, demo_digits, engine):
-    """300 demo steps: 0-100 on 2 ranks, 100-200 on 1, 200-300 on 2; each phase ends by kill -9
-    after its checkpoint, the next one resumes from it with another number of ranks."""
+    """Demo run in three phases: 2 ranks, then 1, then 2; each phase ends by kill -9 after its
+    checkpoint, the next one resumes from it with another number of ranks, and the state loaded
+    must equal the state saved. ZeRO-2 runs the whole demo (3 x 100 steps) and must still learn
+    it (>= 90% held out); ZeRO-3 and FSDP2 check the same exactness in 3 x 30 steps."""
     driver = tmp_path / "driver.py"
     driver.write_text(RESHARD_DRIVER)
     dumps = tmp_path / "dumps"
@@ -124,9 +126,11 @@ def test_resume_on_another_world_size_is_exact(tmp_path, demo_digits, engine):
     args = [str(dumps), "--config", str(REPO / "configs" / "demo.yaml"), *kind, f"data.train_shards={demo_digits[0]}",
             f"data.eval_shards={demo_digits[1]}", f"run.output_dir={tmp_path}", "run.name=run", "data.num_workers=0",
             "engine.eval_every=0", "engine.keep_last=5", "run.log_every=50"]
+    every = 100 if engine == "zero2" else 30
+    args += [f"engine.checkpoint_every={every}", f"run.steps={3 * every}"]
     for phase, world in enumerate((2, 1, 2)):
         last = phase == 2
-        env = {} if last else {"VITSCALE_INJECT_FAULT": f"kill@point=step_start,step={100 * (phase + 1) + 1}"}
+        env = {} if last else {"VITSCALE_INJECT_FAULT": f"kill@point=step_start,step={every * (phase + 1) + 1}"}
         job = run_job(args, tmp_path / f"logs{phase}", world_size=world, expect=None if not last else 0,
                       script=driver, timeout=300, env=env)
         if not last:
@@ -134,15 +138,16 @@ def test_resume_on_another_world_size_is_exact(tmp_path, demo_digits, engine):
         if phase:
             out = (tmp_path / f"logs{phase}" / "rank0.out").read_text()
             assert f"written by {(2, 1, 2)[phase - 1]} ranks, resharded for {world}" in out, job.output()
-            step = 100 * phase
+            step = every * phase
             assert_states_equal(torch.load(dumps / f"saved_{step}.pt"), torch.load(dumps / f"loaded_{step}.pt"),
                                 f"{engine}: step {step}, {(2, 1, 2)[phase - 1]} -> {world} ranks")
     steps = sorted(step_losses(run_dir))
-    assert steps[-1] == 300
-    accuracy = [r["eval"]["top1"] for r in read_log(run_dir) if "eval" in r][-1]
-    assert accuracy >= 0.9, accuracy
-    adam_steps = torch.load(dumps / "saved_300.pt")
-    assert int(next(iter(adam_steps.values()))["step"]) == 300  # Adam's bias correction carried over
+    assert steps[-1] == 3 * every
+    if engine == "zero2":
+        accuracy = [r["eval"]["top1"] for r in read_log(run_dir) if "eval" in r][-1]
+        assert accuracy >= 0.9, accuracy
+    adam_steps = torch.load(dumps / f"saved_{3 * every}.pt")
+    assert int(next(iter(adam_steps.values()))["step"]) == 3 * every  # Adam's bias correction carried over
 
 
 def test_a_deepspeed_checkpoint_refuses_another_engine_kind_with_one_line(tmp_path, engine_digits):
