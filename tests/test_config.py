@@ -149,18 +149,24 @@ def test_resume_from_a_file_says_it_is_a_file(tmp_path):
         resolve_checkpoint(tmp_path / "missing")
 
 
-def test_config_show_imports_no_torch_and_prints_the_shape_a_name_implies():
-    """`vitscale config show` is a newcomer's first command: it must not wait for torch,
-    torchvision, webdataset or prometheus_client to import, and must show H/14's real shape."""
+def cli_without_heavy_imports(argv: list[str]) -> str:
+    """What `vitscale ARGV` prints, asserting it imported none of the heavy packages."""
     code = ("import sys\nfrom vitscale.cli import main\n"
-            "main(['config', 'show', '--config', 'configs/vit_h14_jft.yaml'])\n"
+            f"main({argv!r})\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'webdataset',"
             " 'prometheus_client', 'deepspeed', 'numpy', 'PIL'})\n"
             "print('HEAVY', heavy)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout, done.stdout[-300:]
-    model = yaml.safe_load(done.stdout.split("HEAVY")[0])["model"]
+    return done.stdout.split("HEAVY")[0]
+
+
+def test_config_show_imports_no_torch_and_prints_the_shape_a_name_implies():
+    """`vitscale config show` is a newcomer's first command: it must not wait for torch,
+    torchvision, webdataset or prometheus_client to import, and must show H/14's real shape."""
+    printed = cli_without_heavy_imports(["config", "show", "--config", "configs/vit_h14_jft.yaml"])
+    model = yaml.safe_load(printed)["model"]
     assert (model["depth"], model["width"], model["mlp_dim"], model["heads"], model["patch_size"]) == \
         (32, 1280, 5120, 16, 14)
 
@@ -182,14 +188,10 @@ def test_config_explain_documents_every_field_from_its_source_comment_and_import
     comment written above it in the dataclass; every key of the tree has one."""
     from vitscale.config import Config
 
-    code = ("import sys\nfrom vitscale.cli import main\n"
-            "main(['config', 'explain', '--config', 'configs/vit_h14_jft.yaml', 'engine.checkpoint_async',"
-            " 'model.name', 'engine.keep_last=7', 'engine.keep_last'])\n"
-            "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'deepspeed', 'numpy'}))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "HEAVY []" in done.stdout, done.stdout[-300:]
-    text = " ".join(done.stdout.split())  # undo the wrapping
+    printed = cli_without_heavy_imports(["config", "explain", "--config", "configs/vit_h14_jft.yaml",
+                                         "engine.checkpoint_async", "model.name", "engine.keep_last=7",
+                                         "engine.keep_last"])
+    text = " ".join(printed.split())  # undo the wrapping
     assert "engine.checkpoint_async: bool | None (default null)" in text
     assert "the step waits only while the state is copied to host memory" in text  # the source comment
     assert "model.name: str (default B/16, configured H/14)" in text  # from the file
