@@ -66,8 +66,13 @@ def test_compose_mounts_exist_and_services_agree():
     (source,) = datasource["datasources"]
     assert source["url"].endswith(":" + listen.rsplit(":", 1)[1])
     dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "vitscale.json").read_text())
+    # Every query takes the dashboard's datasource variable, whose default is that datasource.
     uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
-    assert uids == {source["uid"]}
+    uids |= {a["datasource"]["uid"] for a in dashboard["annotations"]["list"]}
+    assert uids == {"${datasource}"}
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["name"] == "datasource" and variable["query"] == source["type"]
+    assert variable["current"]["value"] == source["uid"]
 
 
 def test_dashboard_queries_only_exported_metrics(tmp_path):
@@ -82,7 +87,8 @@ def test_dashboard_queries_only_exported_metrics(tmp_path):
     metrics.close()
     dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "vitscale.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    exprs += [v["definition"] for v in dashboard["templating"]["list"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
     alerts = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())
     exprs += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
     # Metric names, not recording-rule names (a:b:c)

@@ -40,6 +40,7 @@ def ranks(result: list[dict]) -> set[str]:
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    queries += [(annotation["name"], annotation["expr"]) for annotation in dashboard["annotations"]["list"]]
     substitutions = {"$job_id": ".*", "$rank": ".*", "$__rate_interval": "30s", "$__range": "1m"}
     resolved = []
     for title, expr in queries:
