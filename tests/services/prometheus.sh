@@ -14,14 +14,15 @@ port=${PROMETHEUS_PORT:-19090}
 [[ $port =~ ^[0-9]+$ ]] || { echo "prometheus.sh: PROMETHEUS_PORT must be a number" >&2; exit 2; }
 
 install() {
-  command -v prometheus >/dev/null && command -v promtool >/dev/null && return 0
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v amtool >/dev/null && return 0
   if [ "$(id -u)" != 0 ]; then
-    echo "prometheus.sh: prometheus missing; run as root or: apt-get install --no-install-recommends prometheus" >&2
+    echo "prometheus.sh: prometheus missing; run as root or: apt-get install --no-install-recommends prometheus prometheus-alertmanager" >&2
     exit 1
   fi
   apt-get update -q >/dev/null
   # Without --no-install-recommends apt also pulls node-exporter and friends (~45 MB more).
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+  # prometheus-alertmanager for amtool, which checks docker/alertmanager/alertmanager.yml.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus prometheus-alertmanager >/dev/null
 }
 
 http_ok() {
