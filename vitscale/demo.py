@@ -5,7 +5,9 @@
 Writes scikit-learn's handwritten digits (real 8x8 scans) as WebDataset shards with a fixed
 held-out split into a fresh run folder, then runs launch/local_cpu.sh: a tiny ViT under DeepSpeed
 ZeRO-2, 2 processes with gloo, evaluation on the held-out shards, progress lines (step, loss,
-images/s, ETA), and finally the held-out accuracy.
+images/s, ETA), and finally the held-out accuracy. From an installed wheel (no launch/ beside the
+package) it runs the same job with `python -m torch.distributed.run -m vitscale.train` and the
+configs installed as `vitscale.configs`, with the environment local_cpu.sh sets.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 from vitscale.errors import VitscaleError
@@ -43,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
                  f"run.output_dir={args.output_dir}", f"run.name={run_name}", *args.overrides]
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
-    command = [str(REPO / "launch" / "local_cpu.sh"), "--config", str(REPO / "configs" / "demo.yaml"), *overrides]
-    env = {**os.environ, "VITSCALE_NPROC": str(args.nproc), "VITSCALE_PYTHON": sys.executable}
+    command, env = demo_command(args.nproc, overrides)
     print("vitscale demo: " + " ".join(command), flush=True)
     started = time.perf_counter()
     code = subprocess.call(command, env=env)
@@ -59,6 +61,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"vitscale demo: held-out accuracy {accuracy:.1%} (top-1 on 360 unseen digits) after "
           f"{minutes:.1f} min; run folder {run_dir}", flush=True)
     return 0
+
+
+def demo_command(nproc: int, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """launch/local_cpu.sh in a source checkout; its equivalent from an installed wheel."""
+    launcher = REPO / "launch" / "local_cpu.sh"
+    if launcher.is_file():
+        command = [str(launcher), "--config", str(REPO / "configs" / "demo.yaml"), *overrides]
+        return command, {**os.environ, "VITSCALE_NPROC": str(nproc), "VITSCALE_PYTHON": sys.executable}
+    configs = resources.files("vitscale.configs")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc_per_node", str(nproc), "-m", "vitscale.train", "--ds_config", str(configs / "zero2.json"),
+               "--config", str(configs / "demo.yaml"), *overrides]
+    return command, {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def final_accuracy(log_path: Path) -> float | None:
