@@ -28,6 +28,8 @@
 #     VITSCALE_METRICS_ADDRESS    bind address (metrics.address; 0.0.0.0 lets a remote Prometheus in)
 #     VITSCALE_PROMETHEUS_TARGETS directory your Prometheus watches with file_sd (metrics.file_sd_dir)
 #     VITSCALE_PYTHON             interpreter on the nodes (default: .venv/bin/python, else python3)
+#     VITSCALE_SOCKET_IFNAME      the interface the nodes reach each other on (ib0, eth1): sets
+#                                 GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME on every node
 #     VITSCALE_ROOT               repository root (default: the submission directory)
 #
 # Pre-emption: --signal=B:USR1@300 makes Slurm signal this script 5 minutes before the time

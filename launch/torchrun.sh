@@ -11,6 +11,10 @@
 #   VITSCALE_NNODES          nodes in the job (default 1: standalone rendezvous on a free port)
 #   VITSCALE_RDZV_ENDPOINT   host:port of the c10d rendezvous (multi-node; the first node)
 #   VITSCALE_RDZV_ID         rendezvous id, the same on every node (e.g. the Slurm job id)
+#   VITSCALE_SOCKET_IFNAME   network interface(s) the ranks talk over, e.g. ib0 or eth1,eth2: sets
+#                            GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (exact names) unless those
+#                            are set. Needed when this node's hostname resolves to a loopback
+#                            address (Debian's 127.0.1.1): gloo advertises that address otherwise
 #   VITSCALE_LOG_DIR         per-rank stdout/stderr files (torchrun --log-dir), also shown here
 #   VITSCALE_PYTHON          interpreter (default: the repository's .venv, else python3)
 #   VITSCALE_STOPPED_EXIT_CODE  exit status when the ranks stopped on request after saving (75)
@@ -142,16 +146,33 @@ require_whole_number VITSCALE_NPROC_PER_NODE "$nproc"
 require_whole_number VITSCALE_NNODES "$nnodes"
 [ "$nproc" -ge 1 ] || die "VITSCALE_NPROC_PER_NODE must be at least 1"
 
+if [ -n "${VITSCALE_SOCKET_IFNAME:-}" ]; then
+  IFS=, read -r -a interfaces <<<"$VITSCALE_SOCKET_IFNAME"
+  for interface in "${interfaces[@]}"; do
+    [[ $interface =~ ^[A-Za-z0-9._@-]+$ ]] && [ -e "/sys/class/net/$interface" ] \
+      || die "VITSCALE_SOCKET_IFNAME: no network interface '$interface' on $(hostname) (it has: $(ls /sys/class/net | tr '\n' ' '))"
+  done
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$VITSCALE_SOCKET_IFNAME}
+  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-=$VITSCALE_SOCKET_IFNAME}  # '=': exact names, not prefixes
+fi
+
 # torchrun, made deaf to SIGUSR1 and SIGTERM: Slurm signals every process of a job step (scancel,
 # the time limit, pre-emption), and torchrun would die of USR1 or, on TERM, stop its workers
 # before they save. The workers get each signal themselves (and through this script); torchrun
 # ends when they do. Its children get the default handlers back on exec.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+# A failed rank makes torchrun raise ChildFailedError: its table of ranks and exit codes is shown,
+# not a traceback of torchrun itself under the ranks' own one-line reasons.
 torchrun_deaf_to_stops='import runpy, signal, sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 for stop in (signal.SIGUSR1, signal.SIGTERM):
     signal.signal(stop, lambda signum, frame: None)
 sys.argv[0] = "torchrun"
-runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)'
+try:
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+except ChildFailedError as failure:
+    print(failure, file=sys.stderr)
+    sys.exit(1)'
 launcher=("$python" -c "$torchrun_deaf_to_stops" --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts 0)
 if [ -n "${VITSCALE_RDZV_ENDPOINT:-}" ]; then
   [[ $VITSCALE_RDZV_ENDPOINT =~ ^[A-Za-z0-9._-]+:[0-9]+$ ]] \

@@ -16,6 +16,8 @@ vitscale/engine/ calls torch.distributed; a test enforces it.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Literal, Sequence
 import torch
 
 from vitscale.engine import faults
+from vitscale.errors import VitscaleError
 
 ReduceOp = Literal["sum", "max", "min"]
 
@@ -175,12 +178,56 @@ def start_process_group(config, launch: Launch) -> Communicator:
     if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    check_gloo_reachable(launch.world_size)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=config.engine.collective_timeout_seconds)
     # DeepSpeed adopts a group that already exists, so every engine starts it the same way.
     dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     apply_timeout_to_new_groups(timeout)
     return Communicator(device, launch.world_size, distributed=True)
+
+
+def node_count(world_size: int, env=os.environ) -> int | None:
+    """Nodes in the job, from the launcher's variables (torchrun, deepspeed, srun); None: unknown."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun's, the deepspeed launcher's
+        if env.get(key, "").isdigit() and int(env[key]) > 0:
+            return -(-world_size // int(env[key]))
+    for key in ("CROSS_SIZE", "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return None
+
+
+def gloo_address(hostname: str) -> str | None:
+    """The address gloo binds and advertises without GLOO_SOCKET_IFNAME: the first address of this
+    host's name that can be bound (ProcessGroupGloo's default device), or None if there is none
+    (gloo then falls back to 127.0.0.1)."""
+    try:
+        candidates = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in candidates:
+        with contextlib.suppress(OSError), socket.socket(family, kind, proto) as probe:
+            probe.bind((address[0], 0))
+            return address[0]
+    return None
+
+
+def check_gloo_reachable(world_size: int, env=os.environ) -> None:
+    """Refuse, before any rendezvous, a job on several nodes whose gloo would advertise a loopback
+    address: ranks on the other nodes would get 'connection refused' while this node's ranks wait
+    out engine.collective_timeout_seconds. Debian and Ubuntu map the hostname to 127.0.1.1."""
+    nodes = node_count(world_size, env)
+    if nodes is None or nodes < 2 or env.get("GLOO_SOCKET_IFNAME"):
+        return
+    hostname = socket.gethostname()
+    address = gloo_address(hostname)
+    if address is None or ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        resolved = f"resolves to {address}, a loopback address" if address else "does not resolve to an address"
+        raise VitscaleError(f"this node's hostname {hostname!r} {resolved}, so ranks on the other {nodes - 1} "
+                            "node(s) cannot reach it (set VITSCALE_SOCKET_IFNAME=<the cluster interface, e.g. ib0> for "
+                            "launch/torchrun.sh or launch/pretrain_vit_h14.sh, or GLOO_SOCKET_IFNAME and "
+                            "NCCL_SOCKET_IFNAME yourself, or map the hostname to its cluster address in /etc/hosts)")
 
 
 def apply_timeout_to_new_groups(timeout: timedelta) -> None:
