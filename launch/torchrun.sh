@@ -163,10 +163,11 @@ fi
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 # A failed rank makes torchrun raise ChildFailedError: its table of ranks and exit codes is shown,
 # not a traceback of torchrun itself under the ranks' own one-line reasons.
+# The handlers come first: importing torch takes seconds, and a signal then must not be fatal.
 torchrun_deaf_to_stops='import runpy, signal, sys
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 for stop in (signal.SIGUSR1, signal.SIGTERM):
     signal.signal(stop, lambda signum, frame: None)
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 sys.argv[0] = "torchrun"
 try:
     runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from services.daemons import slurm_cluster
 from services.hosts import INTERFACE, can_make_hosts, two_hosts
 from services.jobs import REPO, TINY_CONFIG, read_log, tiny_overrides, write_tiny_jft_shards
 from vitscale.engine.checkpoint import latest_complete
@@ -177,3 +178,29 @@ def test_two_hosts_train_as_one_job_stop_together_and_survive_the_loss_of_one(tm
     text = alone.logs[0].read_text()
     assert f"resumed from {latest} at step {resumed_step} (written by 4 ranks, resharded for 2)" in text, text
     assert [line["step"] for line in read_log(run_dir)][-3:] == [resumed_step + 1, resumed_step + 2, resumed_step + 3]
+
+
+@pytest.mark.services
+def test_sbatch_runs_the_unmodified_launcher_across_the_two_hosts(tmp_path):
+    """Debian's Slurm with one slurmd per host (`slurmd -N hostN`, per-node spool, PID and log
+    files, NodeAddr its veth address); slurmctld and sbatch on host 0."""
+    shards = write_tiny_jft_shards(tmp_path / "shards")
+    run_dir = tmp_path / "runs" / "vit_h14_jft_tiny"
+    with two_hosts(tmp_path / "hosts") as hosts, slurm_cluster(hosts) as slurm:
+        env = {"VITSCALE_CONFIG": TINY_CONFIG, "VITSCALE_PROCS_PER_NODE": "2", "VITSCALE_SOCKET_IFNAME": INTERFACE,
+               "VITSCALE_LOG_DIR": str(tmp_path / "logs"), "VITSCALE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+        overrides = job_args(shards, tmp_path / "runs", steps=6)[2:]
+        job = slurm.sbatch(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+                            f"--output={tmp_path}/slurm-%j.out", "launch/pretrain_vit_h14.sh", *overrides],
+                           env=env, cwd=REPO)
+        info = slurm.wait_until_finished(job, timeout=240)
+        output = (tmp_path / f"slurm-{job}.out").read_text()
+        assert info["JobState"] == "COMPLETED" and info["NodeList"] == "host[0-1]", output[-4000:] + slurm.logs()
+    assert f"job {job} restart 0: 2 node(s) x 2 process(es) (0 GPU(s)/node), rendezvous host0:" in output
+    for host in ("host0", "host1"):
+        assert f"launch/torchrun.sh: {host}: 2 process(es) x 2 node(s), CPU" in output, output[-4000:]
+        exit_codes = tmp_path / "logs" / "restart0" / "exit_codes" / host
+        codes = sorted(path.read_text().strip() for path in exit_codes.iterdir())
+        assert codes == ["0", "0"], output[-4000:]
+    assert [line["step"] for line in read_log(run_dir)] == list(range(1, 7))
+    assert latest_complete(run_dir).name == "step_00000006"

@@ -93,14 +93,14 @@ def daemons_up(script: str, state: Path, env: dict, down_timeout: float):
 
 
 class SlurmCluster:
-    def __init__(self, state: Path):
-        self.state = state
+    def __init__(self, state: Path, login_host=None):
+        self.state, self.login_host = state, login_host  # clients run on login_host (a test host) if given
         self.env = dict(os.environ, SLURM_CONF=str(state / "etc" / "slurm.conf"))
 
     def command(self, *args: str, env: dict | None = None, cwd: str | Path | None = None,
                 check: bool = True) -> str:
-        result = subprocess.run(list(args), env=env or self.env, cwd=cwd, capture_output=True, text=True,
-                                timeout=60)
+        argv = self.login_host.command(list(args), cwd) if self.login_host else list(args)
+        result = subprocess.run(argv, env=env or self.env, cwd=cwd, capture_output=True, text=True, timeout=60)
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
@@ -134,21 +134,23 @@ class SlurmCluster:
 
     def logs(self) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log"):
-            path = self.state / "log" / name
-            if path.exists():
-                parts.append(f"--- {name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        for path in sorted((self.state / "log").glob("slurm*.log")):
+            parts.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
         return "\n".join(parts)
 
 
 @contextlib.contextmanager
-def slurm_cluster():
+def slurm_cluster(hosts=None):
+    """One node on loopback, or one node per test host (services/hosts.py; the first runs
+    slurmctld and the client commands)."""
     run_script("slurm.sh", "install")
     state = shared_temp_dir("vitscale-slurm-")
     ports = free_port(2)
     env = dict(os.environ, SLURM_CTLD_PORT=str(ports), SLURMD_PORT=str(ports + 1))
+    if hosts:
+        env["SLURM_HOSTS"] = " ".join(f"{host.name}={host.address}:{host.init_pid}" for host in hosts)
     with daemons_up("slurm.sh", state, env, down_timeout=120):
-        yield SlurmCluster(state)
+        yield SlurmCluster(state, login_host=hosts[0] if hosts else None)
 
 
 # ---------------------------------------------------------------------------------------------

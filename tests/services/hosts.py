@@ -116,8 +116,14 @@ def two_hosts(state_dir: Path):
             hosts_file = state_dir / f"hosts.host{index}"
             hosts_file.write_text("127.0.0.1 localhost\n" f"127.0.1.1 host{index}\n" + "".join(
                 f"10.77.0.{other + 1} host{other}\n" for other in range(2) if other != index))
+            # A sysfs of the host's own network namespace (/sys/class/net lists its interfaces),
+            # with the machine's cgroup tree kept below it (slurmd needs /sys/fs/cgroup).
+            cgroups = state_dir / f"cgroup.host{index}"
+            cgroups.mkdir(exist_ok=True)
             setup = (f"hostname host{index} && mount --bind {hosts_file} /etc/hosts"
-                     " && mount -t sysfs sysfs /sys && ip link set lo up && exec sleep infinity")
+                     f" && mount --rbind /sys/fs/cgroup {cgroups} && mount -t sysfs sysfs /sys"
+                     f" && mount --rbind {cgroups} /sys/fs/cgroup && umount -l {cgroups}"
+                     " && ip link set lo up && exec sleep infinity")
             holder = subprocess.Popen(["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc",
                                        "--kill-child", "sh", "-c", setup], preexec_fn=_die_with_parent,
                                       stdout=subprocess.DEVNULL, stderr=(state_dir / f"host{index}.err").open("w"))
