@@ -5,8 +5,8 @@
         host1.power_off()                         # every process of host1 dies at once
 
 Each host has its own hostname (host0, host1), loopback, and one interface `veth0` with address
-10.77.0.1 or 10.77.0.2, the two ends of one veth pair: only the hosts can reach each other. Its /etc/hosts is the layout
-Debian installs: the host's own name resolves to 127.0.1.1 (so a process that advertises the
+10.77.0.1 or 10.77.0.2, the two ends of one veth pair: only the hosts can reach each other. Its
+/etc/hosts is the layout Debian installs: the host's own name resolves to 127.0.1.1 (so a process that advertises the
 address of its hostname, as gloo does by default, is unreachable from the other hosts: the trap
 GLOO_SOCKET_IFNAME exists for), the other hosts' names to their addresses. The filesystem is the
 machine's own, as a cluster's shared filesystem.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -35,20 +36,25 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError):
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return []
+def _first_child(parent: subprocess.Popen, what: str) -> int:
+    """The PID of the process `parent` (unshare, nsenter) forked, once it has."""
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+            if children:
+                return int(children[0])
+        if parent.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} is gone (exit {parent.poll()})")
+        time.sleep(0.02)
 
 
 def can_make_hosts() -> str:
     """Why test hosts cannot be made here, or '' when they can."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for tool in ("unshare", "nsenter", "ip"):
-        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
-            return f"{tool} is not installed"
-    return ""
+    missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} not installed" if missing else ""
 
 
 class Host:
@@ -86,12 +92,7 @@ class HostProcess:
     @property
     def pid(self) -> int:
         """The process's PID as this machine sees it."""
-        deadline = time.monotonic() + 10
-        while not (children := _children(self.nsenter.pid)):
-            if self.nsenter.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the process in the test host is gone")
-            time.sleep(0.02)
-        return children[0]
+        return _first_child(self.nsenter, "the process in the test host")
 
     def send_signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -118,23 +119,22 @@ def two_hosts(state_dir: Path):
                 f"10.77.0.{other + 1} host{other}\n" for other in range(2) if other != index))
             # A sysfs of the host's own network namespace (/sys/class/net lists its interfaces),
             # with the machine's cgroup tree kept below it (slurmd needs /sys/fs/cgroup).
-            cgroups = state_dir / f"cgroup.host{index}"
+            cgroups, ready = state_dir / f"cgroup.host{index}", state_dir / f"ready.host{index}"
             cgroups.mkdir(exist_ok=True)
             setup = (f"hostname host{index} && mount --bind {hosts_file} /etc/hosts"
                      f" && mount --rbind /sys/fs/cgroup {cgroups} && mount -t sysfs sysfs /sys"
                      f" && mount --rbind {cgroups} /sys/fs/cgroup && umount -l {cgroups}"
-                     " && ip link set lo up && exec sleep infinity")
+                     f" && ip link set lo up && touch {ready} && exec sleep infinity")
+            errors = state_dir / f"host{index}.err"
             holder = subprocess.Popen(["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc",
                                        "--kill-child", "sh", "-c", setup], preexec_fn=_die_with_parent,
-                                      stdout=subprocess.DEVNULL, stderr=(state_dir / f"host{index}.err").open("w"))
+                                      stdout=subprocess.DEVNULL, stderr=errors.open("w"))
+            hosts.append(Host(index, holder, _first_child(holder, f"unshare for host{index}")))
             deadline = time.monotonic() + 10
-            while not (children := _children(holder.pid)):
+            while not ready.exists():
                 if holder.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"unshare for host{index} failed (exit {holder.poll()}): "
-                                       + (state_dir / f"host{index}.err").read_text())
+                    raise RuntimeError(f"host{index} did not come up: {errors.read_text()}")
                 time.sleep(0.02)
-            hosts.append(Host(index, holder, children[0]))
-            _wait_until_set_up(hosts[-1])
         _link(*hosts)
         yield hosts
     finally:
@@ -151,15 +151,3 @@ def _link(first: Host, second: Host) -> None:
         host.run(["sh", "-c", f"ip link set {end} name {INTERFACE} && ip addr add {host.address}/24 dev {INTERFACE}"
                   f" && ip link set {INTERFACE} up"], check=True, capture_output=True)
 
-
-def _wait_until_set_up(host: Host) -> None:
-    """Until the host's PID 1 has set its hostname, /etc/hosts and /sys (its own network's)."""
-    deadline = time.monotonic() + 10
-    while True:
-        probe = host.run(["sh", "-c", "hostname; cat /etc/hosts; ls /sys/class/net"], capture_output=True, text=True)
-        if probe.returncode == 0 and probe.stdout.startswith(host.name + "\n") and "127.0.1.1" in probe.stdout \
-                and probe.stdout.rstrip().endswith("\nlo"):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{host.name} did not come up: {probe.stdout} {probe.stderr}")
-        time.sleep(0.05)
