@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vitscale.train", "train a ViT (single process, torchrun or the deepspeed launcher)"),
     "config": ("vitscale.config_cli", "show, check or explain (document) the resolved config tree"),
     "model": ("vitscale.model.cli", "parameter counts and FLOPs of a model config"),
+    "plan": ("vitscale.plan.cli", "will a run fit and how fast: memory per rank, img/s, cores, checkpoints, traffic"),
     "demo": ("vitscale.demo", "train a tiny ViT on a small real dataset on CPU (the README's demo)"),
     "shards": ("vitscale.data.cli", "write and check WebDataset shards"),
     "bench": ("vitscale.bench.cli", "benchmarks: attention, train step, data pipeline"),

@@ -5,13 +5,17 @@ against the formula the engine and the planner use (vitscale/engine/ds_config.py
     vitscale bench zero-memory --stages 2 --bucket 5e8  # what DeepSpeed's own default bucket costs
 
 Each stage runs `--world-size` ranks of the real DeepSpeed engine (build_engine with
-configs/zeroN.json) on a tiny input (32 px: 5 tokens, so activations are negligible). Measured:
-the peak resident memory of each rank over steps 2-4 (the high-water mark is reset after the
-first step, so start-up's one-off copies are excluded), minus its resident memory just before
-the model is built and minus the resident memory that is not tensors (resident minus the bytes of
-every live tensor storage, between steps), over the parameter count. glibc is told to map every allocation above
-64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so freed buffers leave the resident set and the
-peak is what was live. On a GPU the same run reads torch.cuda's peak allocated bytes instead.
+configs/zeroN.json) on a tiny input (32 px: 5 tokens, so activations are negligible), two
+micro-batches per step. Measured, over the parameter count:
+- between the two micro-batches: the bytes of every live tensor (weights, gradients or their
+  partitions, master copy, moments, buckets), the steady state `vitscale plan` predicts;
+- the peak resident memory of each rank over steps 2-4 (the high-water mark is reset after the
+  first step, so start-up's one-off copies are excluded), minus its resident memory just before
+  the model is built and minus the resident memory that is not tensors (resident minus the bytes
+  of every live tensor storage, between steps). glibc is told to map every allocation above
+  64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so freed buffers leave the resident set and the
+  peak is what was live.
+On a GPU the same run reads torch.cuda's allocated bytes instead.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ def summarise(stage: int, results: list[dict]) -> dict:
                                                       "device")},
             "measured": worst["peak_bytes"] / worst["parameters"],
             "held": worst["held_bytes"] / worst["parameters"],
+            "window": worst["window_bytes"] / worst["parameters"],
             "per_rank": [r["peak_bytes"] / r["parameters"] for r in results]}
 
 
@@ -91,14 +96,15 @@ def report(args, rows: list[dict]) -> None:
     first = rows[0]
     print(f"vitscale bench zero-memory: {args.model}, {first['parameters'] / 1e6:.1f} M parameters, fp32 AdamW, "
           f"{first['world_size']} ranks, {first['device']}; bytes per parameter per rank (largest rank)")
-    print("| ZeRO | peak | held between steps | theory | + bucket allowance | = bound | peak / bound "
-          "| buckets (elements) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| ZeRO | peak | between micro-batches | held between steps | theory | + bucket allowance | = bound "
+          "| peak / bound | buckets (elements) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         bound = row["theory"] + row["allowance"]
         row["ratio_to_bound"] = row["measured"] / bound
         buckets = ", ".join(f"{k.replace('_bucket_size', '')} {v:.3g}" for k, v in row["buckets"].items()) or "-"
-        print(f"| {row['stage']} | {row['measured']:.2f} | {row['held']:.2f} | {row['theory']:.2f} | "
+        print(f"| {row['stage']} | {row['measured']:.2f} | {row['window']:.2f} | {row['held']:.2f} | "
+              f"{row['theory']:.2f} | "
               f"{row['allowance']:.2f} | "
               f"{bound:.2f} | {row['ratio_to_bound']:.3f} | {buckets} |")
     print("theory: P + G + K over their partitions (ds_config.model_state_bytes_per_parameter): fp32 weights P=4, "
@@ -127,15 +133,16 @@ def reset_peak() -> None:
         handle.write("5")  # Linux: reset the resident high-water mark to the current size
 
 
-def live_tensor_bytes() -> int:
+def live_tensor_bytes(also=()) -> int:
     """Bytes of every distinct tensor storage Python can reach (parameters, DeepSpeed's flat
-    buffers and partitions, optimizer moments, buckets): what an allocator would hold."""
+    buffers and partitions, optimizer moments, buckets): what an allocator would hold. `also`:
+    tensors autograd holds without a Python object (a parameter's .grad until it is read)."""
     import gc
 
     import torch
 
     storages = {}
-    for obj in gc.get_objects():
+    for obj in [*gc.get_objects(), *(t for t in also if t is not None)]:
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
             with contextlib.suppress(RuntimeError):
                 storage = obj.untyped_storage()
@@ -158,7 +165,7 @@ def worker(spec: dict) -> int:
     config = load_config(None, [f"model.name={spec['model']}", "model.image_size=32", "model.num_classes=1000",
                                 "model.representation_size=null", "model.attention_backend=math",
                                 "engine.kind=deepspeed", f"engine.zero_stage={stage}", "engine.precision=fp32",
-                                "engine.micro_batch_size=1", f"engine.global_batch_size={world}",
+                                "engine.micro_batch_size=1", f"engine.global_batch_size={2 * world}",
                                 "engine.collective_timeout_seconds=600"])
     ds_json = read_ds_json(REPO / "configs" / f"zero{stage}.json") if stage else None
     ds = deepspeed_config(config, world, ds_json)
@@ -181,22 +188,31 @@ def worker(spec: dict) -> int:
     images = torch.randn(1, 3, 32, 32, device=comm.device)
     targets = torch.randint(0, 1000, (1,), device=comm.device)
 
-    def step() -> None:
-        logits = engine.train_module(images.to(engine.input_dtype))
-        engine.backward(torch.nn.functional.cross_entropy(logits.float(), targets), boundary=True)
+    within_window = []
+
+    def step(measure: bool = False) -> None:
+        # Two micro-batches per step: between them every stage holds its steady-state model
+        # states (ZeRO-1 the whole accumulated gradient, ZeRO-2/3 their reduced partitions).
+        for boundary in (False, True):
+            logits = engine.train_module(images.to(engine.input_dtype))
+            engine.backward(torch.nn.functional.cross_entropy(logits.float(), targets), boundary=boundary)
+            del logits
+            if measure and not boundary:
+                within_window.append(torch.cuda.memory_allocated() - baseline if cuda else
+                                     live_tensor_bytes([p.grad for p in model.parameters()]))
         engine.step(torch.zeros((), dtype=torch.bool, device=comm.device))
 
     step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(spec["steps"]):
-            step()
+        for index in range(spec["steps"]):
+            step(measure=index == spec["steps"] - 1)
         peak, held = torch.cuda.max_memory_allocated() - baseline, torch.cuda.memory_allocated() - baseline
     else:
         reset_peak()
-        for _ in range(spec["steps"]):
-            step()
+        for index in range(spec["steps"]):
+            step(measure=index == spec["steps"] - 1)
         # Resident memory that is not tensors (allocator arenas, library state: measured between
         # steps as resident minus live tensor bytes) is taken as constant through the step.
         held = live_tensor_bytes()
@@ -208,12 +224,16 @@ def worker(spec: dict) -> int:
     allowance = bucket_allowance_bytes_per_parameter(zero if stage else {}, stage, parameters, weight_bytes=4,
                                                      gradient_bytes=4, world_size=world)
     print(json.dumps({"rank": int(os.environ["RANK"]), "parameters": parameters, "world_size": world,
-                      "peak_bytes": peak, "held_bytes": held, "theory": theory, "allowance": allowance,
+                      "peak_bytes": peak, "held_bytes": held, "window_bytes": within_window[-1],
+                      "theory": theory, "allowance": allowance,
                       "buckets": buckets,
                       "device": torch.cuda.get_device_name() if cuda else "CPU"}), flush=True)
     comm.barrier()
     stop_process_group()
-    return 0
+    # The result is out; skip interpreter teardown, where a library thread still alive can abort
+    # the process ("terminate called without an active exception") after a successful run.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,18 @@ def _fill(section: dict[str, Any], key: str, value: Any, tree_key: str, where: s
 # Memory: what ZeRO keeps per rank (also the planner's formula).
 
 
+def held_buffer_bytes_per_parameter(zero: dict[str, Any], stage: int, num_parameters: int, *,
+                                    gradient_bytes: int = 4) -> float:
+    """The part of the allowance that stays allocated through forward and backward (measured by
+    `vitscale bench zero-memory` between two micro-batches): ZeRO-1 and ZeRO-3 keep one reduce
+    bucket of gradients; ZeRO-0 and ZeRO-2 free theirs between uses."""
+    if stage not in (1, 3):
+        return 0.0
+    reduce_bucket = zero.get("reduce_bucket_size", MAX_BUCKET_ELEMENTS)
+    reduce_bucket = MAX_BUCKET_ELEMENTS if reduce_bucket == AUTO else float(reduce_bucket)
+    return min(reduce_bucket, max(num_parameters, 1)) * gradient_bytes / max(num_parameters, 1)
+
+
 def model_state_bytes_per_parameter(stage: int, world_size: int, *, weight_bytes: int, gradient_bytes: int,
                                     optimizer_bytes: int = 8) -> float:
     """Bytes per parameter per rank of weights, gradients and optimizer state under ZeRO-`stage`
@@ -174,11 +186,11 @@ def model_state_bytes_per_parameter(stage: int, world_size: int, *, weight_bytes
 
 def bucket_allowance_bytes_per_parameter(zero: dict[str, Any], stage: int, num_parameters: int, *,
                                          weight_bytes: int = 4, gradient_bytes: int = 4,
-                                         world_size: int = 2) -> float:
+                                         world_size: int = 2, master_gradient_bytes: int = 4) -> float:
     """What DeepSpeed holds beyond model_state_bytes_per_parameter, per parameter per rank:
     ZeRO-0 all-reduces the gradients flattened into buckets of a fixed 5e8 elements (G for a
     model below that); ZeRO-1/2 keep 1 reduce buffer (2 with overlap_comm) of reduce_bucket_size gradients and,
-    while stepping, the flattened copy of their gradient partition (G/N); ZeRO-3 keeps a reduce
+    while stepping, the flattened fp32 copy of their gradient partition (4/N); ZeRO-3 keeps a reduce
     buffer and, while reducing, up to two more of its size (measured: 3 x reduce_bucket_size x G),
     a prefetch bucket of gathered weights, and up to stage3_max_live_parameters gathered weights
     (P (1 - 1/N) each: the rest of a weight is another rank's partition)."""
@@ -192,7 +204,7 @@ def bucket_allowance_bytes_per_parameter(zero: dict[str, Any], stage: int, num_p
     reduce_bucket = min(elements("reduce_bucket_size", MAX_BUCKET_ELEMENTS), psi)
     if stage in (1, 2):
         buffers = 2 if zero.get("overlap_comm", stage == 2) else 1
-        return (buffers * reduce_bucket * gradient_bytes) / psi + gradient_bytes / n
+        return (buffers * reduce_bucket * gradient_bytes) / psi + master_gradient_bytes / n
     if stage == 3:
         prefetch = min(elements("stage3_prefetch_bucket_size", 5e7), psi)
         live = min(elements("stage3_max_live_parameters", 1e9), psi)
