@@ -54,20 +54,20 @@ def test_model_states_equal_deepspeeds_estimators():
 def test_model_states_match_what_two_deepspeed_ranks_allocate(tmp_path):
     """S/16 (22 M parameters), fp32, 2 CPU ranks, two micro-batches per step: the bytes of the
     engine's live tensors between the micro-batches (weights, gradients or their partitions,
-    master copy, Adam moments, buckets) per stage, against the plan's model states + held
-    buffers within 5%; the peak over the step stays within the plan's total (+5%)."""
+    master copy, Adam moments, buckets) for ZeRO-1/2/3 and FSDP2, against the plan's model states
+    + held buffers within 5%; the peak over the step stays within the plan's total (+5%)."""
     from vitscale.engine.ds_config import auto_bucket_elements
 
     out = tmp_path / "zero.json"
-    assert main(["bench", "zero-memory", "--model", "S/16", "--stages", "1,2,3", "--steps", "1",
+    assert main(["bench", "zero-memory", "--model", "S/16", "--stages", "1,2,3,fsdp2", "--steps", "1",
                  "--json", str(out)]) == 0
     measured = {row["stage"]: row for row in json.loads(out.read_text())["rows"]}
-    for stage in (1, 2, 3):
+    for stage in (1, 2, 3, "fsdp2"):
+        engine = ["engine.kind=fsdp2"] if stage == "fsdp2" else [f"engine.zero_stage={stage}"]
         config = load_config(None, ["model.name=S/16", "model.image_size=32", "model.num_classes=1000",
-                                    "model.representation_size=null", "engine.precision=fp32",
-                                    f"engine.zero_stage={stage}", "engine.micro_batch_size=1",
-                                    "engine.global_batch_size=4"])
-        row = memory_rows(make_plan(config, H100, 2, 0.4))[f"deepspeed ZeRO-{stage}"]
+                                    "model.representation_size=null", "engine.precision=fp32", *engine,
+                                    "engine.micro_batch_size=1", "engine.global_batch_size=4"])
+        row = memory_rows(make_plan(config, H100, 2, 0.4))["fsdp2" if stage == "fsdp2" else f"deepspeed ZeRO-{stage}"]
         parameters = measured[stage]["parameters"]
         predicted = (row["model_states"] + row["buffers_held"]) / parameters
         assert measured[stage]["window"] == pytest.approx(predicted, rel=0.05), (stage, measured[stage], row)

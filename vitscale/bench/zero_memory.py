@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from vitscale.engine.distributed import free_port
 
     rows = []
-    for stage in [int(s) for s in args.stages.split(",")]:
+    for stage in parse_stages(args.stages):
         spec = {"model": args.model, "stage": stage, "world_size": args.world_size, "bucket": args.bucket,
                 "steps": args.steps, "zero": dict(item.split("=", 1) for item in args.zero)}
         port = free_port()
@@ -68,12 +68,28 @@ def run(args: argparse.Namespace) -> int:
         for proc in procs:
             out, _ = proc.communicate(timeout=900)
             if proc.returncode:
-                print(f"vitscale bench zero-memory: ZeRO-{stage} rank failed (exit {proc.returncode})", file=sys.stderr)
+                print(f"vitscale bench zero-memory: {label(stage)} rank failed (exit {proc.returncode})",
+                      file=sys.stderr)
                 return 1
             results.append(json.loads(out.strip().splitlines()[-1]))
         rows.append(summarise(stage, results))
     report(args, rows)
     return 0
+
+
+def parse_stages(text: str) -> list[int | str]:
+    stages: list[int | str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if item not in ("0", "1", "2", "3", "fsdp2"):
+            from vitscale.errors import ConfigError
+
+            raise ConfigError("--stages", f"{item!r} is neither a ZeRO stage nor fsdp2", "use e.g. 0,1,2,3,fsdp2")
+        stages.append(item if item == "fsdp2" else int(item))
+    return stages
+
+
+def label(stage: int | str) -> str:
+    return "FSDP2" if stage == "fsdp2" else f"ZeRO-{stage}"
 
 
 def _has_cuda() -> bool:
@@ -96,14 +112,14 @@ def report(args, rows: list[dict]) -> None:
     first = rows[0]
     print(f"vitscale bench zero-memory: {args.model}, {first['parameters'] / 1e6:.1f} M parameters, fp32 AdamW, "
           f"{first['world_size']} ranks, {first['device']}; bytes per parameter per rank (largest rank)")
-    print("| ZeRO | peak | between micro-batches | held between steps | theory | + bucket allowance | = bound "
+    print("| engine | peak | between micro-batches | held between steps | theory | + bucket allowance | = bound "
           "| peak / bound | buckets (elements) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         bound = row["theory"] + row["allowance"]
         row["ratio_to_bound"] = row["measured"] / bound
         buckets = ", ".join(f"{k.replace('_bucket_size', '')} {v:.3g}" for k, v in row["buckets"].items()) or "-"
-        print(f"| {row['stage']} | {row['measured']:.2f} | {row['window']:.2f} | {row['held']:.2f} | "
+        print(f"| {label(row['stage'])} | {row['measured']:.2f} | {row['window']:.2f} | {row['held']:.2f} | "
               f"{row['theory']:.2f} | "
               f"{row['allowance']:.2f} | "
               f"{bound:.2f} | {row['ratio_to_bound']:.3f} | {buckets} |")
@@ -162,13 +178,15 @@ def worker(spec: dict) -> int:
     from vitscale.model.vit import build_model
 
     stage, world = spec["stage"], spec["world_size"]
+    fsdp2 = stage == "fsdp2"
+    engine_settings = ["engine.kind=fsdp2"] if fsdp2 else ["engine.kind=deepspeed", f"engine.zero_stage={stage}"]
     config = load_config(None, [f"model.name={spec['model']}", "model.image_size=32", "model.num_classes=1000",
                                 "model.representation_size=null", "model.attention_backend=math",
-                                "engine.kind=deepspeed", f"engine.zero_stage={stage}", "engine.precision=fp32",
+                                *engine_settings, "engine.precision=fp32",
                                 "engine.micro_batch_size=1", f"engine.global_batch_size={2 * world}",
                                 "engine.collective_timeout_seconds=600"])
-    ds_json = read_ds_json(REPO / "configs" / f"zero{stage}.json") if stage else None
-    ds = deepspeed_config(config, world, ds_json)
+    ds_json = read_ds_json(REPO / "configs" / f"zero{stage}.json") if stage and not fsdp2 else None
+    ds = deepspeed_config(config, world, ds_json) if not fsdp2 else {"zero_optimization": {}}
     if spec["bucket"] is not None:
         for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
             if key in ds["zero_optimization"]:
@@ -184,7 +202,7 @@ def worker(spec: dict) -> int:
     baseline = torch.cuda.memory_allocated() if cuda else resident_bytes()
     model = build_model(config.model)
     parameters = sum(p.numel() for p in model.parameters())
-    engine = build_engine(config, model, comm, ds_config=ds)
+    engine = build_engine(config, model, comm, ds_config=None if fsdp2 else ds)
     images = torch.randn(1, 3, 32, 32, device=comm.device)
     targets = torch.randint(0, 1000, (1,), device=comm.device)
 
@@ -220,9 +238,16 @@ def worker(spec: dict) -> int:
     zero = fill_bucket_sizes(dict(ds), parameters).get("zero_optimization", {}) if stage else {}
     buckets = {k: float(zero[k]) for k in ("reduce_bucket_size", "allgather_bucket_size",
                                            "stage3_prefetch_bucket_size") if k in zero and stage}
-    theory = model_state_bytes_per_parameter(stage, world, weight_bytes=4, gradient_bytes=4)
-    allowance = bucket_allowance_bytes_per_parameter(zero if stage else {}, stage, parameters, weight_bytes=4,
-                                                     gradient_bytes=4, world_size=world)
+    if fsdp2:
+        from vitscale.plan.estimate import ParameterCounts, fsdp2_memory
+
+        states, held_buffers, transient = fsdp2_memory(world, ParameterCounts.of(config.model), "fp32", 8,
+                                                       accumulation=2)
+        theory, allowance = states / parameters, (held_buffers + transient) / parameters
+    else:
+        theory = model_state_bytes_per_parameter(stage, world, weight_bytes=4, gradient_bytes=4)
+        allowance = bucket_allowance_bytes_per_parameter(zero if stage else {}, stage, parameters, weight_bytes=4,
+                                                         gradient_bytes=4, world_size=world)
     print(json.dumps({"rank": int(os.environ["RANK"]), "parameters": parameters, "world_size": world,
                       "peak_bytes": peak, "held_bytes": held, "window_bytes": within_window[-1],
                       "theory": theory, "allowance": allowance,

@@ -160,14 +160,21 @@ def deepspeed_memory(stage: int, world: int, counts: ParameterCounts, ds: dict, 
     return states, held, max(0.0, allowance - held)
 
 
-def fsdp2_memory(world: int, counts: ParameterCounts, precision: str,
-                 optimizer_bytes: int) -> tuple[float, float, float]:
-    """Sharded fp32 weights, gradients and optimizer state; held: the root unit's gathered
-    weights; transient: the current and the prefetched block's weights and, in backward, one
-    block's unsharded gradients (compute dtype, then fp32 for the reduce-scatter)."""
+def fsdp2_memory(world: int, counts: ParameterCounts, precision: str, optimizer_bytes: int,
+                 accumulation: int) -> tuple[float, float, float]:
+    """(model states, held, transient buffers) per rank for FSDP2. Sharded fp32 weights and
+    optimizer state, and the gradients: sharded (fp32) without accumulation; with it, unsharded
+    for every parameter in fp32 (the reduce dtype) from the first micro-batch to the
+    reduce-scatter after the last. Transient: the root unit's gathered weights (kept from forward
+    to backward), the current and the prefetched block's, in backward one block's unsharded
+    gradients (compute dtype, then fp32 for the reduce-scatter) and, with accumulation, the
+    sharded gradients, which the last backward fills before it frees the unsharded ones."""
     w = element_bytes(precision)
-    states = (4 + 4 + optimizer_bytes) * counts.total / world
-    return states, counts.outside_blocks * w, counts.largest_block * (2 * w + w + 4)
+    sharded_gradients = 4 * counts.total / world
+    gradients = 4 * counts.total if accumulation > 1 else sharded_gradients
+    states = (4 + optimizer_bytes) * counts.total / world + gradients
+    transient = counts.outside_blocks * w + counts.largest_block * (2 * w + w + 4)
+    return states, 0.0, transient + (sharded_gradients if accumulation > 1 else 0.0)
 
 
 def local_memory(counts: ParameterCounts, precision: str, optimizer_bytes: int) -> tuple[float, float, float]:
@@ -237,7 +244,7 @@ def make_plan(config, hardware: Hardware, gpus: int, mfu: float, ds_json: dict |
                                counts.total)
         rows.append(row(f"deepspeed ZeRO-{stage}", *deepspeed_memory(stage, gpus, counts, ds, engine.precision,
                                                                      optimizer_bytes)))
-    rows.append(row("fsdp2", *fsdp2_memory(gpus, counts, engine.precision, optimizer_bytes)))
+    rows.append(row("fsdp2", *fsdp2_memory(gpus, counts, engine.precision, optimizer_bytes, accumulation)))
     if gpus == 1:
         rows.append(row("local", *local_memory(counts, engine.precision, optimizer_bytes)))
     chosen = {"deepspeed": f"deepspeed ZeRO-{engine.zero_stage}", "fsdp2": "fsdp2", "local": "local"}[engine.kind]
