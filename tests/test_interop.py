@@ -48,8 +48,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def save_timm(model, path: Path) -> Path:
+    """A bare timm state dict: tensors only, nothing names the architecture."""
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def save_timm_hub(model, directory: Path) -> Path:
+    """timm's own Hub export: model.safetensors + config.json (architecture, global_pool, model_args)."""
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(model, directory)
+    return directory
 
 
 def converted(tmp_path: Path, source: Path, *overrides: str):
@@ -75,7 +84,7 @@ TIMM_VARIANTS = {
 def test_timm_logits_match(tmp_path, variant):
     original = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32,
                                          patch_size=8, num_classes=10, **TIMM_VARIANTS[variant]))
-    model, config = converted(tmp_path, save_timm(original, tmp_path / "timm.safetensors"))
+    model, config = converted(tmp_path, save_timm_hub(original, tmp_path / "hub"))
     assert config.model.heads == 3 and config.model.depth == 2 and config.model.image_size == 32
     x = images()
     with torch.no_grad():
@@ -84,25 +93,73 @@ def test_timm_logits_match(tmp_path, variant):
     assert max_diff(expected, got) <= TOLERANCE
 
 
+def test_timm_registered_gap_model_gets_its_own_head_count(tmp_path):
+    """timm's vit_base_patch16_gap_224 is 768 wide with 16 heads (the paper's B: 12). Named by
+    its file name or timm's config.json it converts to timm's logits; a bare state dict is
+    refused in one line instead of being given the paper's 12."""
+    original = perturb(timm.create_model("vit_base_patch16_gap_224", pretrained=False, depth=1, img_size=32,
+                                         num_classes=5))
+    assert original.blocks[0].attn.num_heads == 16
+    for source in (save_timm(original, tmp_path / "vit_base_patch16_gap_224.augreg.safetensors"),
+                   save_timm_hub(original, tmp_path / "hub")):
+        model, config = converted(tmp_path, source)
+        assert config.model.heads == 16 and config.model.classifier == "gap"
+        with torch.no_grad():
+            assert max_diff(original(images()), model(images())) <= TOLERANCE
+    bare = save_timm(original, tmp_path / "weights.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not record model\.heads.*ViT-B of this width has 12"):
+        convert(bare, tmp_path / "out.safetensors")
+
+
+def test_timm_class_token_with_average_pooling(tmp_path):
+    """A [class] token and global_pool='avg' (fc_norm=False): the patch tokens are averaged, the
+    [class] token only takes part in attention. From timm's config.json it converts exactly;
+    as a bare state dict the pooling is asked for, and model.classifier=gap gives the same logits."""
+    original = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32,
+                                         patch_size=8, num_classes=6, global_pool="avg", fc_norm=False))
+    assert original.cls_token is not None
+    model, config = converted(tmp_path, save_timm_hub(original, tmp_path / "hub"))
+    assert config.model.classifier == "gap" and config.model.class_token is True
+    with torch.no_grad():
+        assert max_diff(original(images()), model(images())) <= TOLERANCE
+    bare = save_timm(original, tmp_path / "weights.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not record model\.classifier.*'avg': gap"):
+        convert(bare, tmp_path / "out.safetensors", overrides=["model.heads=3"])
+    model, _ = converted(tmp_path, bare, "model.heads=3", "model.classifier=gap")
+    with torch.no_grad():
+        assert max_diff(original(images()), model(images())) <= TOLERANCE
+
+
+def test_timm_name_that_disagrees_with_the_weights_is_refused(tmp_path):
+    original = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8)
+    source = save_timm(original, tmp_path / "vit_small_patch16_224.safetensors")  # S is 384 wide, these 192
+    with pytest.raises(CheckpointError, match=r"names timm's vit_small_patch16_224 \(width 384\).*192 wide"):
+        convert(source, tmp_path / "out.safetensors")
+
+
 def test_timm_nonstandard_width_needs_heads_flag(tmp_path):
     original = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
                                          num_classes=4, embed_dim=96, num_heads=4))
     source = save_timm(original, tmp_path / "timm.safetensors")
-    with pytest.raises(CheckpointError, match=r"does not record model\.heads.*model\.heads=VALUE"):
+    with pytest.raises(CheckpointError, match=r"does not record model\.classifier.* and model\.heads.*"
+                                              r"them as model\.classifier=VALUE model\.heads=VALUE"):
         convert(source, tmp_path / "out.safetensors")
-    model, config = converted(tmp_path, source, "model.heads=4")
+    model, config = converted(tmp_path, source, "model.heads=4", "model.classifier=token")
     assert config.model.shape().heads == 4
     with torch.no_grad():
         assert max_diff(original(images()), model(images())) <= TOLERANCE
     with pytest.raises(CheckpointError, match="shape mismatch pos_embed.weight"):
-        convert(source, tmp_path / "out.safetensors", overrides=["model.heads=4", "model.image_size=64"])
+        convert(source, tmp_path / "out.safetensors", overrides=["model.heads=4", "model.classifier=token",
+                                                                 "model.image_size=64"])
 
 
 def test_timm_training_checkpoint_pth_is_read_without_unpickling_code(tmp_path):
     original = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32,
                                          patch_size=8, num_classes=3))
     source = tmp_path / "checkpoint.pth"
-    torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in original.state_dict().items()}}, source)
+    # timm's train.py checkpoint: the model name under "arch", DDP-prefixed weights under "model"
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224",
+                "model": {f"module.{k}": v for k, v in original.state_dict().items()}}, source)
     model, _ = converted(tmp_path, source)
     with torch.no_grad():
         assert max_diff(original(images()), model(images())) <= TOLERANCE
@@ -114,7 +171,7 @@ def test_timm_training_checkpoint_pth_is_read_without_unpickling_code(tmp_path):
 def test_timm_without_position_table_needs_the_image_size(tmp_path):
     original = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32,
                                          patch_size=8, num_classes=3, pos_embed="none"))
-    source = save_timm(original, tmp_path / "timm.safetensors")
+    source = save_timm_hub(original, tmp_path / "hub")
     with pytest.raises(CheckpointError, match=r"model\.image_size"):
         convert(source, tmp_path / "out.safetensors")
     model, config = converted(tmp_path, source, "model.image_size=32")

@@ -11,6 +11,7 @@ import torch
 
 from vitscale.config import load_config
 from vitscale.model import SIZES, ModelConfig, build_model, count_parameters
+from vitscale.errors import ConfigError
 from vitscale.model.config import parse_model_name
 
 # Paper, Table 1 (and ViT-L/16 = 304M as usually quoted), backbone without the classifier.
@@ -184,3 +185,19 @@ def test_the_model_label_is_the_name_only_when_the_shape_is_the_named_one():
     assert ModelConfig(name="H/14", depth=2, width=160, mlp_dim=320, heads=2).label == \
         "depth2-width160-mlp320-heads2/14"
     assert ModelConfig(name="B/16", patch_size=32).label == "depth12-width768-mlp3072-heads12/32"
+
+
+def test_class_token_with_average_pooling_averages_the_patch_tokens_only():
+    """timm's class_token=True + global_pool='avg': the [class] token attends but is not pooled."""
+    from vitscale.model.flops import tokens_per_image
+
+    config = ModelConfig(name="Ti/16", depth=1, image_size=32, num_classes=3, classifier="gap", class_token=True)
+    config.validate()
+    model = build_model(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert tokens.shape == (2, 1 + 4, 192) and tokens_per_image(config) == 5
+        assert torch.allclose(model.forward_representation(x), tokens[:, 1:].mean(dim=1))
+    with pytest.raises(ConfigError, match="model.class_token"):
+        ModelConfig(classifier="token", class_token=False).validate()

@@ -66,14 +66,16 @@ def import_weights(source: str | Path, *, source_format: str = "auto", config_pa
     from vitscale.interop.huggingface import hf_to_vitscale, load_hf
     from vitscale.interop.io import read_state_dict
     from vitscale.interop.npz import npz_to_vitscale, read_npz
-    from vitscale.interop.timm import timm_to_vitscale
+    from vitscale.interop.timm import find_architecture, timm_to_vitscale
 
     fmt = detect_format(source) if source_format == "auto" else source_format
     name = Path(source).name
     if fmt == "vitscale":
         return _reload_vitscale(source, config_path, overrides)
     if fmt == "timm":
-        imported = timm_to_vitscale(read_state_dict(source), source=f"timm {name}")
+        metadata: dict = {}
+        state_dict = read_state_dict(source, metadata)
+        imported = timm_to_vitscale(state_dict, source=f"timm {name}", architecture=find_architecture(source, metadata))
     elif fmt == "hf":
         state_dict, hf_config = load_hf(source)
         imported = hf_to_vitscale(state_dict, hf_config, source=f"Hugging Face {name}")

@@ -25,10 +25,13 @@ class Imported:
     unknown: dict[str, str] = field(default_factory=dict)  # field -> why it is needed
 
 
-def shape_fields(*, depth: int, width: int, mlp_dim: int, heads: int | None, patch_size: int) -> tuple[dict, dict]:
+def shape_fields(*, depth: int, width: int, mlp_dim: int, heads: int | None, patch_size: int,
+                 heads_why: str = "") -> tuple[dict, dict]:
     """Model fields for a shape, named after the size table when the width matches a row (so
     `vitscale model` prints "Ti/16"); every number is also set explicitly so that a base config's
-    own overrides cannot leak in. Returns (fields, unknown)."""
+    own overrides cannot leak in. The head count is never assumed from the width (timm's
+    vit_base_patch16_gap_224 has width 768 and 16 heads): without `heads` it is unknown, and
+    `heads_why` says why. Returns (fields, unknown)."""
     from vitscale.model.config import SIZES
 
     size = next((name for name, row in SIZES.items() if row[1] == width), None)
@@ -37,10 +40,9 @@ def shape_fields(*, depth: int, width: int, mlp_dim: int, heads: int | None, pat
     unknown = {}
     if heads is not None:
         fields["heads"] = heads
-    elif size is not None:
-        fields["heads"] = SIZES[size][3]  # the paper's head count for this width
     else:
-        unknown["heads"] = f"width {width} is not a standard ViT size, so the head count is unknown"
+        paper = f"; the paper's ViT-{size} of this width has {SIZES[size][3]}" if size else ""
+        unknown["heads"] = (heads_why or "the source does not say how the width splits into heads") + paper
     return fields, unknown
 
 
@@ -68,10 +70,13 @@ def resolve_config(imported: Imported, config_path: str | Path | None = None, ov
     if not isinstance(model, dict):
         raise CheckpointError(f"{config_path}: `model` must be a section")
     user_keys = {item.split("=", 1)[0].removeprefix("--") for item in overrides}
-    for key, why in imported.unknown.items():
-        if f"model.{key}" not in user_keys and key not in model:
-            raise CheckpointError(f"{imported.source} does not record model.{key} ({why}); "
-                                  f"pass it as model.{key}=VALUE")
+    missing = {key: why for key, why in imported.unknown.items()
+               if f"model.{key}" not in user_keys and key not in model}
+    if missing:
+        what = " and ".join(f"model.{key} ({why})" for key, why in missing.items())
+        flags = " ".join(f"model.{key}=VALUE" for key in missing)
+        raise CheckpointError(f"{imported.source} does not record {what}; pass {'it' if len(missing) == 1 else 'them'}"
+                              f" as {flags}")
     model.update(imported.model)
     for item in overrides:
         apply_override(raw, item)

@@ -103,7 +103,8 @@ def hf_to_vitscale(state_dict: dict[str, torch.Tensor], hf_config: dict | None =
         fields["mlp_activation"] = _activation(hf_config.get("hidden_act", "gelu"), source)
         if hf_config.get("pooler_act", "tanh") != "tanh" and representation_size:
             raise CheckpointError(f"{source}: pooler_act {hf_config['pooler_act']!r}; vitscale's pre-logits use tanh")
-    shape, unknown = shape_fields(depth=depth, width=width, mlp_dim=mlp_dim, heads=heads, patch_size=patch)
+    shape, unknown = shape_fields(depth=depth, width=width, mlp_dim=mlp_dim, heads=heads, patch_size=patch,
+                                  heads_why="a bare state dict has no config.json with num_attention_heads")
     return Imported(out, {**fields, **shape}, source, unknown)
 
 

@@ -12,10 +12,16 @@ from vitscale.errors import CheckpointError
 FORMATS = ("vitscale", "timm", "hf", "npz")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+TIMM_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's save_for_hf / the Hub
+
+
+def read_state_dict(path: str | Path, metadata: dict | None = None) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a PyTorch file read with `weights_only=True` (tensors and plain
-    containers only: a pickle cannot run code here)."""
+    containers only: a pickle cannot run code here); a timm Hub directory's weights file.
+    `metadata` receives a training checkpoint's top-level strings (timm's train.py: "arch")."""
     path = Path(path)
+    if path.is_dir():
+        path = next((path / name for name in TIMM_HUB_WEIGHTS if (path / name).is_file()), path / TIMM_HUB_WEIGHTS[0])
     if not path.is_file():
         raise CheckpointError(f"weights file {path} not found; check the path")
     if path.suffix == ".safetensors":
@@ -30,6 +36,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                               "save it with torch.save(model.state_dict()) or as safetensors") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    if metadata is not None:
+        metadata.update({k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)})
     return unwrap_state_dict(loaded)
 
 
@@ -48,10 +56,14 @@ def detect_format(path: str | Path) -> str:
     """Guess the source format: vitscale weights, timm, Hugging Face, or a Google .npz."""
     path = Path(path)
     if path.is_dir():
-        config = path / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if config.get("model_type") == "vit":
             return "hf"
-        raise CheckpointError(f"{path} is a directory without a Hugging Face ViT config.json; pass a weights file")
+        if "architecture" in config:  # timm's save_for_hf / a timm model on the Hub
+            return "timm"
+        raise CheckpointError(f"{path} is a directory without a Hugging Face ViT or timm config.json; "
+                              "pass a weights file")
     if not path.exists():
         raise CheckpointError(f"{path} not found; check the path")
     if path.suffix == ".npz":

@@ -241,6 +241,9 @@ def _check_exportable(model_config, layout: str) -> None:
                               "pass --layout big_vision")
     if model_config.classifier == "map" and layout != "big_vision":
         raise CheckpointError("model.classifier=map exists only in the big_vision layout; pass --layout big_vision")
+    if model_config.has_class_token and model_config.classifier != "token":
+        raise CheckpointError(f"a [class] token with classifier={model_config.classifier} has no Google .npz "
+                              "counterpart (a class token there means token pooling); export to vitscale or timm")
 
 
 def _attention_to_flax(sd: dict, qkv: str, proj: str, heads: int, head_dim: int, dst: str) -> dict[str, torch.Tensor]:

@@ -11,19 +11,27 @@ What differs, and how it is handled:
   normalises every token and then pools. Only `fc_norm=False` models convert exactly, so
   others are refused with that fix.
 - MAP head (`global_pool='map'`): attn_pool.latent/q/kv/proj/norm/mlp -> pool.probe/q/kv/...
-Not recorded in a timm state dict: the head count (taken from the size table when the width is
-a standard one), LayerNorm eps (timm's 1e-6) and the activation (timm's exact GELU).
+Not recorded in a timm state dict: the head count, and with a [class] token whether timm pools it
+or averages the patch tokens (`global_pool`). Both come from the timm architecture the source
+names (find_architecture: the config.json timm writes beside model.safetensors, a training
+checkpoint's "arch", or a timm model name as the file name), built on the meta device through
+timm's own registry when timm is installed; else they must be given (model.heads=,
+model.classifier=). Never assumed from the width: timm's vit_base_patch16_gap_224 is 768 wide with
+16 heads. LayerNorm eps (timm's 1e-6) and the activation (timm's exact GELU) are timm's defaults.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from vitscale.errors import CheckpointError
 from vitscale.interop.common import Imported, grid_from_positions, is_square, shape_fields, to_float32
-from vitscale.interop.io import unwrap_state_dict
+from vitscale.interop.io import TIMM_HUB_WEIGHTS, unwrap_state_dict
 
 # Features of some timm ViTs that vitscale's model has no counterpart for.
 UNSUPPORTED = {
@@ -38,8 +46,87 @@ UNSUPPORTED = {
 }
 
 
-def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm") -> Imported:
-    """A timm VisionTransformer state_dict -> vitscale names and the config fields it records."""
+@dataclass(frozen=True)
+class TimmArchitecture:
+    """What the source says about its timm model beyond the tensors."""
+
+    name: str
+    origin: str                # where the name came from, for messages
+    heads: int | None
+    width: int | None
+    global_pool: str | None
+
+
+def find_architecture(path: str | Path, metadata: dict | None = None) -> TimmArchitecture | None:
+    """The timm architecture a weights file names, or None: timm's config.json (beside
+    model.safetensors / pytorch_model.bin, or in the directory given), the "arch" a timm training
+    checkpoint stores, or the file name when timm's registry knows it
+    (vit_base_patch16_224.augreg_in21k.safetensors)."""
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if (path.is_dir() or path.name in TIMM_HUB_WEIGHTS) and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if "architecture" in config:
+            return describe(config["architecture"], config.get("model_args") or {}, config.get("global_pool"),
+                            str(config_file))
+    if metadata and metadata.get("arch"):
+        return describe(metadata["arch"], {}, None, f"{path.name}'s arch")
+    stem = path.name.split(".")[0]
+    timm = _timm()
+    if timm is not None and timm.is_model(stem):
+        return describe(stem, {}, None, f"the file name {path.name}")
+    return None
+
+
+def describe(name: str, model_args: dict, global_pool: str | None, origin: str) -> TimmArchitecture:
+    """Heads, width and pooling of a timm model: from timm's registry (the model built on the meta
+    device with the recorded arguments) when timm is installed, else from the arguments alone."""
+    timm = _timm()
+    if timm is not None and timm.is_model(name):
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **model_args)
+        except Exception as error:  # TypeError for unknown arguments, AssertionError for bad shapes
+            raise CheckpointError(f"{origin}: timm cannot build {name} with {model_args} "
+                                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                                  "pass model.heads= and model.classifier= instead") from None
+        blocks = getattr(model, "blocks", None)
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
+        return TimmArchitecture(name, origin, heads, getattr(model, "embed_dim", None),
+                                global_pool or getattr(model, "global_pool", None))
+    return TimmArchitecture(name, origin, model_args.get("num_heads"), model_args.get("embed_dim"),
+                            global_pool or model_args.get("global_pool"))
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+POOLING = {"token": "token", "avg": "gap", "map": "map"}
+
+
+def _classifier(extra: int, architecture: TimmArchitecture | None, source: str) -> tuple[str | None, str]:
+    """(vitscale classifier or None when unknown, why unknown) for a model without a MAP head."""
+    if not extra:
+        return "gap", ""
+    pool = architecture.global_pool if architecture else None
+    if pool is None:
+        return None, ("a [class] token, which timm pools (global_pool='token': token) or leaves out of the "
+                      "average of the patch tokens ('avg': gap)")
+    if pool not in POOLING or pool == "map":
+        raise CheckpointError(f"{source}: global_pool={pool!r} ({architecture.origin}) has no vitscale "
+                              "counterpart; vitscale pools with token, avg (gap) or map")
+    return POOLING[pool], ""
+
+
+def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm",
+                     architecture: TimmArchitecture | None = None) -> Imported:
+    """A timm VisionTransformer state_dict -> vitscale names and the config fields it records;
+    `architecture` (find_architecture) supplies what the tensors cannot."""
     sd = to_float32(unwrap_state_dict(state_dict))
     if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
         raise CheckpointError(f"{source} is not a timm VisionTransformer state dict (no patch_embed.proj.weight "
@@ -68,8 +155,14 @@ def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm") 
             out[f"pool.{name}.bias"] = bias if bias is not None else torch.zeros(out[f"pool.{name}.weight"].shape[0])
         fields["classifier"] = "map"
     else:
-        # A [class] token means token pooling; without one, vitscale's GAP (norm, then mean).
-        fields["classifier"] = "token" if extra else "gap"
+        # Without a [class] token: vitscale's GAP (norm, then mean). With one: what timm's
+        # global_pool says, never guessed (a [class] token with average pooling is a timm variant).
+        classifier, why = _classifier(extra, architecture, source)
+        if classifier is None:
+            unknown["classifier"] = why
+        else:
+            fields["classifier"] = classifier
+    fields["class_token"] = bool(extra)
 
     head = sd.pop("head.weight", None)
     if head is not None:
@@ -79,7 +172,17 @@ def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm") 
     if leftover:
         raise CheckpointError(f"{source}: tensors vitscale does not know: {', '.join(leftover[:4])}; "
                               "this is not a plain timm ViT")
-    shape, unknown_shape = shape_fields(depth=depth, width=width, mlp_dim=mlp_dim, heads=None, patch_size=patch)
+    heads = None
+    if architecture is not None and architecture.heads is not None:
+        if architecture.width not in (None, width):
+            raise CheckpointError(f"{source}: {architecture.origin} names timm's {architecture.name} (width "
+                                  f"{architecture.width}), but the weights are {width} wide; pass model.heads=N "
+                                  "for these weights")
+        heads = architecture.heads
+    why = ("timm state dicts do not, and no timm config.json, checkpoint arch or timm model name as the file "
+           "name says which timm model this is")
+    shape, unknown_shape = shape_fields(depth=depth, width=width, mlp_dim=mlp_dim, heads=heads, patch_size=patch,
+                                        heads_why=why)
     return Imported(out, {**fields, **shape}, source, {**unknown, **unknown_shape})
 
 

@@ -72,6 +72,9 @@ class ModelConfig:
     # Image representation fed to the head: the [class] token (paper), global average pooling of
     # the patch tokens, or multi-head attention pooling (big_vision's "map").
     classifier: Classifier = "token"
+    # A [class] token in the sequence: null (the default) means exactly when classifier=token;
+    # true with classifier=gap averages the patch tokens only (timm's class_token + global_pool=avg).
+    class_token: bool | None = None
     # Position embeddings: none, learned 1-D (paper default), learned 2-D (row + column),
     # fixed 2-D sine-cosine, or a learned relative bias inside attention (sdpa/math backends).
     pos_embed: PosEmbed = "learned_1d"
@@ -111,6 +114,9 @@ class ModelConfig:
             require_range(self, "model", name, 0.0, 0.99)
         if self.representation_size is not None and self.representation_size < 0:
             raise ConfigError("model.representation_size", "must be >= 0", "use 0 or null for no pre-logits")
+        if self.class_token is False and self.classifier == "token":
+            raise ConfigError("model.class_token", "false, but classifier=token pools the [class] token",
+                              "drop model.class_token or use classifier=gap or map")
         if self.pos_embed == "relative" and self.attention_backend in ("triton", "flash"):
             raise ConfigError("model.attention_backend", f"{self.attention_backend} takes no attention bias, "
                               "which pos_embed=relative needs", "use sdpa, math or auto")
@@ -118,6 +124,15 @@ class ModelConfig:
             raise ConfigError("model.attention_dropout", f"not supported by the {self.attention_backend} backend",
                               "set it to 0 (the paper uses none) or use sdpa/math")
         self.shape()
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.classifier == "token" if self.class_token is None else self.class_token
+
+    @property
+    def extra_tokens(self) -> int:
+        """Tokens in the sequence besides the patches."""
+        return int(self.has_class_token)
 
     @property
     def label(self) -> str:

@@ -64,4 +64,4 @@ def training_flops_per_image(config: ModelConfig) -> float:
 
 
 def tokens_per_image(config: ModelConfig) -> int:
-    return config.shape().num_patches + (1 if config.classifier == "token" else 0)
+    return config.shape().num_patches + config.extra_tokens

@@ -2,7 +2,7 @@
 
     images (B, C, H, W)
       -> PatchEmbed                (B, N, D)      N = (H/P) * (W/P)
-      -> [class] token             (B, 1+N, D)    (classifier="token")
+      -> [class] token             (B, 1+N, D)    (classifier="token", or class_token=true)
       -> + position embedding
       -> depth x EncoderBlock      pre-LN: x + MHA(LN(x)); x + MLP(LN(x))
       -> final LN (pre-LN only)
@@ -29,7 +29,7 @@ class VisionTransformer(nn.Module):
         self.config = config
         shape = self.shape = config.shape()
         width = shape.width
-        self.extra_tokens = 1 if config.classifier == "token" else 0
+        self.extra_tokens = config.extra_tokens
         self.patch_embed = PatchEmbed(shape.patch_size, config.in_channels, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if self.extra_tokens else None
         self.pos_embed = posemb.build_position_embedding(config.pos_embed, shape.grid, width, shape.heads,

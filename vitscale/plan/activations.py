@@ -61,7 +61,7 @@ def activation_breakdown(config: ModelConfig, micro_batch: int, element_bytes: i
     shape = config.shape()
     b, a = micro_batch, element_bytes
     mask = 1 if device == "cuda" else a
-    n = shape.num_patches + (1 if config.classifier == "token" else 0)
+    n = shape.num_patches + config.extra_tokens
     d, m, h = shape.width, shape.mlp_dim, shape.heads
     bnd, bnm = b * n * d, b * n * m
     block = (8 * bnd + 2 * bnm) * a + 2 * 2 * b * n * FP32_BYTES
