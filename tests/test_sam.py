@@ -234,3 +234,15 @@ def test_zero3_from_the_deepspeed_json_is_rejected_before_training(monkeypatch):
     with pytest.raises(ConfigError) as error:
         train.prepare(args)
     assert error.value.key == "engine.zero_stage" and "ZeRO-3" in str(error.value)
+
+
+def test_logged_loss_is_the_clean_loss(tmp_path):
+    """A SAM run's step-1 loss in log.jsonl is f(w) of the initial weights on the first batch, the
+    same number a plain AdamW run (and plain PyTorch) logs there, not f(w + e); from step 2 on
+    the weights differ, so the curves part."""
+    from test_train import STEPS, plain_pytorch_losses, run_synthetic
+
+    reference = plain_pytorch_losses(STEPS)
+    sam = run_synthetic(tmp_path, "sam", 1, "engine.kind=local", "optim.name=sam", "optim.rho=0.5")
+    assert sam[0] == pytest.approx(reference[0], rel=1e-6)
+    assert abs(sam[1] - reference[1]) > 1e-4
