@@ -298,3 +298,58 @@ def test_fewshot_config_is_validated():
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):
     assert vitscale_main(["eval", "top1", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def big_vision_reference(x_train, y_train, x_test, y_test, *, shots, num_classes, seed, l2_reg=2.0 ** 10):
+    """big_vision's evaluators/fewshot_lsr.py in numpy: the seed's per-class permutations, whitening,
+    a bias column of 100, {-1, 1} one-hot targets, ridge through the eigendecomposition."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.permutation(np.where(y_train == c)[0])[:shots] for c in range(num_classes)])
+    x, y = x_train[chosen], y_train[chosen]
+    mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-5
+    x = np.pad((x - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+    targets = 2.0 * np.eye(num_classes)[y] - 1.0
+    if x.shape[0] >= x.shape[1]:
+        eigs, q = np.linalg.eigh(x.T @ x)
+        weights = (q / (eigs + l2_reg)) @ (q.T @ (x.T @ targets))
+    else:
+        eigs, q = np.linalg.eigh(x @ x.T)
+        weights = ((x.T @ q) / (eigs + l2_reg)) @ (q.T @ targets)
+    test = np.pad((x_test - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+    return float(np.mean((test @ weights).argmax(1) == y_test))
+
+
+class FlatFeatures(torch.nn.Module):
+    """A 'model' whose representation is its input, flattened: fewshot_accuracy on given features."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward_representation(self, x):
+        return x.flatten(1)
+
+
+@pytest.mark.parametrize("shots", [1, 5, 25])
+def test_big_vision_protocol_equals_an_independent_ridge_with_l2_1024(shots):
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    classes, dim = 10, 16
+    centres = rng.normal(size=(classes, dim))
+    y_train, y_test = np.repeat(np.arange(classes), 40), np.repeat(np.arange(classes), 30)
+    rng.shuffle(y_train)
+    x_train = centres[y_train] + 1.5 * rng.normal(size=(len(y_train), dim))
+    x_test = centres[y_test] + 1.5 * rng.normal(size=(len(y_test), dim))
+    expected = [big_vision_reference(x_train, y_train, x_test, y_test, shots=shots, num_classes=classes, seed=s)
+                for s in range(3)]
+    assert len(set(expected)) > 1 or shots == 25  # the seeds draw different sets
+    images = lambda x: torch.from_numpy(x).reshape(len(x), 1, 4, 4)  # noqa: E731
+    got = fewshot_accuracy(FlatFeatures(), (images(x_train), torch.from_numpy(y_train)),
+                           (images(x_test), torch.from_numpy(y_test)), shots=(shots,), num_classes=classes)
+    assert got[f"fewshot_{shots}shot"] == pytest.approx(float(np.mean(expected)), abs=1e-12)
+    loo = fewshot_accuracy(FlatFeatures(), (images(x_train), torch.from_numpy(y_train)),
+                           (images(x_test), torch.from_numpy(y_test)), shots=(shots,), protocol="loo")
+    assert set(loo) == set(got)

@@ -35,7 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fewshot.add_argument("--test-shards", help="held-out shards to score (default: data.eval_shards)")
     fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="k images per class")
     fewshot.add_argument("--num-classes", type=int, help="classes of the few-shot dataset (default: the model's)")
-    fewshot.add_argument("--l2-reg", type=float, help="ridge coefficient (default: chosen by leave-one-out)")
+    fewshot.add_argument("--protocol", choices=("big_vision", "loo"), default="big_vision",
+                         help="big_vision: random k per class, l2 1024, mean of --seeds seeds (default); "
+                              "loo: first k per class, l2 by leave-one-out")
+    fewshot.add_argument("--seeds", type=int, default=3, help="seeds averaged under big_vision (3)")
+    fewshot.add_argument("--max-train-images-per-class", type=int, default=None,
+                         help="big_vision: images per class the k are drawn from (default: every one read)")
+    fewshot.add_argument("--l2-reg", type=float, help="ridge coefficient (default: 1024, or leave-one-out for loo)")
     fewshot.add_argument("--max-test-images", type=int, help="score at most this many held-out images")
 
 
@@ -126,7 +132,8 @@ def run_fewshot(model, config, args) -> dict:
     evaluator = FewShotEvaluator(config.data, train_shards=train_shards, test_shards=test_shards,
                                  image_size=config.model.image_size, num_classes=num_classes, shots=args.shots,
                                  micro_batch_size=args.batch_size, max_test_images=args.max_test_images,
-                                 l2_reg=args.l2_reg)
+                                 l2_reg=args.l2_reg, protocol=args.protocol, seeds=args.seeds,
+                                 max_train_images_per_class=args.max_train_images_per_class)
     return evaluator.evaluate(model, device=args.device)
 
 

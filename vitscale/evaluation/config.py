@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from vitscale.checks import require_positive
 from vitscale.errors import ConfigError
@@ -22,7 +23,15 @@ class FewShotConfig:
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
     # Held-out images scored per evaluation (the first ones in shard order).
     max_test_images: int = 10000
-    # Ridge coefficient; null chooses it per evaluation by leave-one-out on the few-shot images.
+    # big_vision (the default, for reported numbers): k random images per class from the training
+    # shards' images, ridge l2 fixed at 2^10, the mean over `seeds` seeds (big_vision's fewshot_lsr).
+    # loo: the first k images per class in shard order, l2 chosen by leave-one-out on them.
+    protocol: Literal["big_vision", "loo"] = "big_vision"
+    # big_vision protocol: seeds averaged, and the images per class read as the pool the k are
+    # drawn from (null: every image of train_shards, as big_vision does).
+    seeds: int = 3
+    max_train_images_per_class: int | None = None
+    # Ridge coefficient; null: 1024 under big_vision, chosen by leave-one-out under loo.
     l2_reg: float | None = None
     # Images per forward pass when extracting features (no gradients are kept).
     micro_batch_size: int = 64
@@ -38,6 +47,10 @@ class FewShotConfig:
         if not self.shots or any(k < 1 for k in self.shots):
             raise ConfigError("fewshot.shots", f"must be positive image counts per class, got {self.shots}",
                               "e.g. [1, 5, 10, 25]")
-        require_positive(self, "fewshot", ("max_test_images", "micro_batch_size"))
+        require_positive(self, "fewshot", ("max_test_images", "micro_batch_size", "seeds",
+                                           "max_train_images_per_class"))
+        if self.max_train_images_per_class is not None and self.max_train_images_per_class < max(self.shots):
+            raise ConfigError("fewshot.max_train_images_per_class", f"{self.max_train_images_per_class} is below "
+                              f"the largest shot count {max(self.shots)}", "raise it, or null to read every image")
         if self.l2_reg is not None and self.l2_reg <= 0:
-            raise ConfigError("fewshot.l2_reg", "must be > 0", "use e.g. 1024, or null to choose it automatically")
+            raise ConfigError("fewshot.l2_reg", "must be > 0", "use e.g. 1024, or null for the protocol's default")

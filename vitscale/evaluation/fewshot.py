@@ -7,13 +7,19 @@ form, and report the accuracy of its argmax on held-out images.
 
 `train_batches` / `test_batches` are an eval loader's batches `(images, labels, valid)` (e.g.
 `vitscale.data.build_eval_loader` over the training and held-out shards), any iterable of
-`(images, labels)`, or one `(images, labels)` pair of tensors. The first max(shots) images of
-each class in reading order are the few-shot training set, and k-shot uses the first k of them,
-so every evaluation during a run sees the same images. Features are standardised with the
-few-shot set's statistics and get a large constant bias column (so the bias is nearly
-unregularised), the regression is solved in float64, and with `l2_reg=None` the ridge
-coefficient is chosen from a grid by leave-one-out accuracy on the few-shot set itself (closed
-form), never by looking at the test images.
+`(images, labels)`, or one `(images, labels)` pair of tensors. Every evaluation during a run sees
+the same images. Features are standardised with the few-shot set's statistics and get a large
+constant bias column (so the bias is nearly unregularised); the regression is solved in float64.
+
+Two protocols choose the k images and the ridge coefficient:
+- big_vision (the default, what reported numbers use): for each of 3 seeds, numpy's
+  default_rng(seed) permutes every class's training images (all that were read) and the first k
+  are the few-shot set; l2 is fixed at 2^10; the accuracy is the mean over the seeds. This is
+  big_vision's evaluators/fewshot_lsr.py with its common config.
+- loo: the first k images per class in reading order; with `l2_reg=None` the coefficient is
+  chosen from a grid by leave-one-out accuracy on the few-shot set itself (closed form), never by
+  looking at the test images. At 1-shot every left-out image is its class's only one, so the
+  choice falls to the grid's largest value.
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from vitscale.errors import DataError
 
 PAPER_SHOTS = (1, 5, 10, 25)
+PROTOCOLS = ("big_vision", "loo")
+BIG_VISION_L2 = 2.0 ** 10  # big_vision's configs/common.py few-shot default
+BIG_VISION_SEEDS = 3
 L2_GRID = tuple(2.0 ** e for e in range(-6, 14, 2))
 BIAS_CONSTANT = 100.0  # the bias column's value: large, so its weight is barely regularised
 
@@ -41,6 +51,37 @@ def linear_fewshot_accuracy(train_features: torch.Tensor, train_labels: torch.Te
     examples of each class in `train_*` (features (N, D), integer labels (N,))."""
     x, y = select_shots(train_features, train_labels, shots)
     classes = torch.unique(y)  # sorted; a class absent from training is never predicted
+    return ridge_accuracy(x, y, test_features, test_labels, classes, l2_reg)
+
+
+def big_vision_fewshot_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                                test_features: torch.Tensor, test_labels: torch.Tensor, *, shots: int,
+                                num_classes: int, l2_reg: float = BIG_VISION_L2,
+                                seeds: int = BIG_VISION_SEEDS) -> list[float]:
+    """big_vision's protocol (evaluators/fewshot_lsr.py), one accuracy per seed: for seed s,
+    numpy's default_rng(s) permutes each class's training images and the first `shots` of each
+    permutation are the few-shot set; the ridge coefficient is fixed; targets are {-1, 1} over
+    all `num_classes` classes."""
+    labels = _integer_labels(train_labels)
+    by_class = [np.flatnonzero(labels.numpy() == c) for c in range(num_classes)]
+    short = next((c for c, members in enumerate(by_class) if 0 < len(members) < shots), None)
+    if short is not None:
+        raise DataError(f"few-shot: class {short} has {len(by_class[short])} training images, {shots}-shot needs "
+                        f"{shots}; lower the shots or read more training images")
+    accuracies = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        chosen = np.concatenate([rng.permutation(members)[:shots] for members in by_class])
+        index = torch.from_numpy(chosen).long()
+        accuracies.append(ridge_accuracy(train_features[index], labels[index], test_features, test_labels,
+                                         torch.arange(num_classes), l2_reg))
+    return accuracies
+
+
+def ridge_accuracy(x: torch.Tensor, y: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
+                   classes: torch.Tensor, l2_reg: float | None) -> float:
+    """Standardise with the few-shot set's statistics, add the bias column, fit {-1, 1} targets
+    over `classes` with ridge `l2_reg` (None: leave-one-out choice), score argmax on the test set."""
     targets = 2.0 * (y[:, None] == classes[None, :]).double() - 1.0  # (n, K) in {-1, 1}
     mean, std = x.double().mean(0, keepdim=True), x.double().std(0, unbiased=False, keepdim=True) + 1e-5
     design = with_bias((x.double() - mean) / std)  # (n, D + 1)
@@ -169,17 +210,29 @@ def _as_batches(batches) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def fewshot_accuracy(model: torch.nn.Module, train_batches, test_batches, *, shots: Sequence[int] = PAPER_SHOTS,
                      l2_reg: float | None = None, max_test_images: int | None = None,
-                     num_classes: int | None = None, device: torch.device | str | None = None) -> dict[str, float]:
-    """{"fewshot_{k}shot": accuracy} for each k in `shots`: the paper's few-shot linear
-    evaluation of `model`'s frozen representations (see the module docstring)."""
+                     num_classes: int | None = None, device: torch.device | str | None = None,
+                     protocol: str = "big_vision", seeds: int = BIG_VISION_SEEDS,
+                     max_train_images_per_class: int | None = None) -> dict[str, float]:
+    """{"fewshot_{k}shot": accuracy} for each k in `shots`: few-shot linear evaluation of `model`'s
+    frozen representations. protocol="big_vision": k random images per class from every image read
+    (at most `max_train_images_per_class`), l2_reg fixed (default 1024), the mean over `seeds`
+    seeds; "loo": the first k per class, l2_reg chosen by leave-one-out when None."""
     shots = sorted(set(int(k) for k in shots))
     if not shots or shots[0] < 1:
         raise DataError(f"few-shot: shots must be positive integers, got {shots}")
-    train_x, train_y = extract_representations(model, train_batches, per_class_limit=shots[-1],
+    if protocol not in PROTOCOLS:
+        raise DataError(f"few-shot: unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    limit = shots[-1] if protocol == "loo" else max_train_images_per_class
+    train_x, train_y = extract_representations(model, train_batches, per_class_limit=limit,
                                                num_classes=num_classes, device=device)
     test_x, test_y = extract_representations(model, test_batches, max_images=max_test_images, device=device)
-    return {f"fewshot_{k}shot": linear_fewshot_accuracy(train_x, train_y, test_x, test_y, shots=k, l2_reg=l2_reg)
-            for k in shots}
+    if protocol == "loo":
+        return {f"fewshot_{k}shot": linear_fewshot_accuracy(train_x, train_y, test_x, test_y, shots=k, l2_reg=l2_reg)
+                for k in shots}
+    classes = num_classes or int(train_y.max()) + 1
+    return {f"fewshot_{k}shot": float(np.mean(big_vision_fewshot_accuracy(
+        train_x, train_y, test_x, test_y, shots=k, num_classes=classes,
+        l2_reg=BIG_VISION_L2 if l2_reg is None else l2_reg, seeds=seeds))) for k in shots}
 
 
 @dataclasses.dataclass
@@ -190,8 +243,9 @@ class FewShotEvaluator:
         if evaluator and step % config.fewshot.every == 0:
             metrics.record_eval(evaluator.evaluate(model))    # {"fewshot_5shot": ..., ...}
 
-    Each call streams the few-shot training shards until max(shots) images per class are read
-    (only those go through the model) and up to `max_test_images` held-out images. It reads the
+    Each call streams the few-shot training shards (loo: until max(shots) images per class are
+    read, only those go through the model; big_vision: all of them, or max_train_images_per_class
+    per class) and up to `max_test_images` held-out images. It reads the
     whole data on the calling process: call it on every rank (same result everywhere; needed
     with ZeRO-3, whose forward pass is collective) or on rank 0 alone with ZeRO-0/1/2."""
 
@@ -205,6 +259,9 @@ class FewShotEvaluator:
     max_test_images: int | None = 10_000
     l2_reg: float | None = None
     every: int = 0                 # in the training loop: run every this many steps
+    protocol: str = "big_vision"
+    seeds: int = BIG_VISION_SEEDS
+    max_train_images_per_class: int | None = None
     name = "few-shot"
     at_end = False
 
@@ -217,7 +274,9 @@ class FewShotEvaluator:
         return cls(config.data, train_shards=section.train_shards, test_shards=section.test_shards,
                    image_size=config.model.image_size, num_classes=section.num_classes or config.model.num_classes,
                    shots=tuple(section.shots), micro_batch_size=section.micro_batch_size,
-                   max_test_images=section.max_test_images, l2_reg=section.l2_reg, every=section.every)
+                   max_test_images=section.max_test_images, l2_reg=section.l2_reg, every=section.every,
+                   protocol=section.protocol, seeds=section.seeds,
+                   max_train_images_per_class=section.max_train_images_per_class)
 
     def loader(self, shards: str, share=None):
         """Every rank reads all of it; with `share`, over rank 0's shard list and counts, so all
@@ -241,4 +300,5 @@ class FewShotEvaluator:
                  ) -> dict[str, float]:
         return fewshot_accuracy(model, self.loader(self.train_shards, share), self.loader(self.test_shards, share),
                                 shots=self.shots, l2_reg=self.l2_reg, max_test_images=self.max_test_images,
-                                num_classes=self.num_classes, device=device)
+                                num_classes=self.num_classes, device=device, protocol=self.protocol,
+                                seeds=self.seeds, max_train_images_per_class=self.max_train_images_per_class)
