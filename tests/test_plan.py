@@ -167,6 +167,7 @@ def test_plan_with_checkpointing_and_a_measured_decode_rate(tmp_path, capsys):
     (["--gpus", "8", "--gpu", "tpu9"], "--gpu: unknown GPU 'tpu9'"),
     (["--gpus", "8", "--mfu", "1.5"], "--mfu: 1.5 is not in (0, 1]"),
     (["--gpus", "8", "--data-bench", "/nonexistent.json"], "--data-bench: /nonexistent.json is not"),
+    (["--gpus", "8", "engine.kind=local"], "engine.kind: local runs one process, not 8"),
 ])
 def test_bad_plan_arguments_are_one_line_errors(argv, message, capsys):
     assert main(["plan", "--config", "configs/vit_b16_i21k.yaml", *argv]) == 2

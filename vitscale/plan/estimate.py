@@ -220,6 +220,8 @@ def make_plan(config, hardware: Hardware, gpus: int, mfu: float, ds_json: dict |
     engine, model = config.engine, config.model
     if gpus < 1:
         raise ConfigError("--gpus", f"must be >= 1, got {gpus}", "give the number of GPUs of the job")
+    if engine.kind == "local" and gpus > 1:
+        raise ConfigError("engine.kind", f"local runs one process, not {gpus}", "use deepspeed or fsdp2, or --gpus 1")
     if not 0 < mfu <= 1:
         raise ConfigError("--mfu", f"{mfu} is not in (0, 1]", "give a fraction, e.g. 0.4")
     accumulation = gradient_accumulation_steps(engine.global_batch_size, engine.micro_batch_size, gpus)
