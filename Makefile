@@ -20,15 +20,17 @@ services:
 	tests/services/prometheus.sh install
 
 demo: setup
-	DS_ACCELERATOR=cpu $(PY) -m vitscale demo
+	DS_ACCELERATOR=cpu $(PY) -P -m vitscale demo
 
+# python -P: the checkout's top-level kernels/ (installed as vitscale.kernels) must not shadow
+# Hugging Face's `kernels` package, which transformers >= 5.25 imports.
 test: setup-test services
 	$(VENV)/bin/ruff check .
-	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -m pytest -x -q --durations=15 tests
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -P -m pytest -x -q --durations=15 tests
 
 test-fast: setup-test
 	$(VENV)/bin/ruff check .
-	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -m pytest -x -q -m "not services and not slow" tests
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -P -m pytest -x -q -m "not services and not slow" tests
 
 bench: setup
 	$(PY) -m vitscale bench all

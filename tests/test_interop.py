@@ -263,6 +263,33 @@ def test_export_to_hf_loads_in_transformers(tmp_path, fields):
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("fields", [{}, {"classifier": "gap"}, {"classifier": "gap", "class_token": True},
+                                    {"classifier": "map", "mlp_activation": "gelu_tanh"}, {"num_classes": 0}],
+                         ids=["token", "gap", "class-token-gap", "map-gelu-tanh", "headless"])
+def test_export_to_timm_loads_with_timm_create_model(tmp_path, fields):
+    """--to timm writes what timm's save_for_hf writes; timm rebuilds it itself from the folder
+    (create_model("local-dir:...", pretrained=True)) and gives the same outputs; converting the
+    folder back gives the same tensors."""
+    model, config = vitscale_model(**fields)
+    source = save_weights(tmp_path / "w.safetensors", model.state_dict(), config)
+    assert vitscale_main(["convert", str(source), str(tmp_path / "timm"), "--to", "timm"]) == 0
+    reference = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        expected = model(images()) if config.model.num_classes else model.forward_representation(images())
+        assert max_diff(reference(images()), expected) <= TOLERANCE
+    back, back_config = converted(tmp_path, tmp_path / "timm")
+    assert back_config.model.classifier == config.model.classifier
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_export_to_timm_refuses_what_timm_cannot_express(tmp_path):
+    model, config = vitscale_model(norm_position="post")
+    source = save_weights(tmp_path / "w.safetensors", model.state_dict(), config)
+    with pytest.raises(CheckpointError, match="model.norm_position=post cannot be exported to timm"):
+        convert(source, tmp_path / "timm", target="timm")
+
+
 def test_export_to_hf_refuses_what_hf_cannot_express(tmp_path):
     model, config = vitscale_model(classifier="gap")
     source = save_weights(tmp_path / "w.safetensors", model.state_dict(), config)

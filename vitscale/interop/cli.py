@@ -4,6 +4,7 @@
     vitscale convert ./hf-vit-base/ b16.safetensors                               # HF directory -> vitscale
     vitscale convert ViT-B_16.npz b16.safetensors                                 # Google .npz -> vitscale
     vitscale convert b16.safetensors ./hf-out --to hf                             # vitscale -> HF
+    vitscale convert b16.safetensors ./timm-out --to timm                         # -> timm local-dir:
     vitscale convert b16.safetensors b16.npz --to npz --layout big_vision         # vitscale -> .npz
     vitscale convert custom_timm.pth out.safetensors model.heads=6 run.name=x     # fill in what the file lacks
 
@@ -21,12 +22,12 @@ from typing import Sequence
 from vitscale.errors import CheckpointError
 from vitscale.interop.io import FORMATS, detect_format
 
-TARGETS = ("vitscale", "hf", "npz")
+TARGETS = ("vitscale", "timm", "hf", "npz")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="weights: vitscale/timm .safetensors, timm .pth, HF directory, Google .npz")
-    parser.add_argument("output", help="file (vitscale, npz) or directory (hf) to write")
+    parser.add_argument("output", help="file (vitscale, npz) or directory (hf, timm) to write")
     parser.add_argument("--from", dest="source_format", choices=("auto",) + FORMATS, default="auto",
                         help="source format (default: detected)")
     parser.add_argument("--to", dest="target", choices=TARGETS, default="vitscale", help="output format")
@@ -114,6 +115,10 @@ def export_weights(output: str | Path, state_dict, config, *, target: str = "vit
         return save_weights(output, state_dict, config)
     if target == "hf":
         return save_hf(output, state_dict, config.model)
+    if target == "timm":
+        from vitscale.interop.timm import save_timm
+
+        return save_timm(output, state_dict, config)
     if target == "npz":
         return write_npz(output, vitscale_to_npz(state_dict, config.model, layout))
     raise CheckpointError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")

@@ -227,3 +227,67 @@ def _block(sd: dict[str, torch.Tensor], i: int, width: int) -> dict[str, torch.T
             out[dst + linear + ".weight"] = out[dst + linear + ".weight"] * gamma[:, None]
             out[dst + linear + ".bias"] = out[dst + linear + ".bias"] * gamma
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# vitscale -> timm: model.safetensors + the config.json timm's save_for_hf writes, so that
+# timm.create_model("local-dir:DIR", pretrained=True) rebuilds the model with its weights.
+
+TIMM_BASE_ARCHITECTURE = "vit_base_patch16_224"  # any registered ViT: model_args set every shape
+POOL_TO_TIMM = {"token": "token", "gap": "avg", "map": "map"}
+
+
+def vitscale_to_timm(state_dict: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (timm VisionTransformer state dict, config.json dict). Refused in one line: what timm's
+    VisionTransformer cannot express (pre-logits, post-LN, 2-D or relative positions, another eps)."""
+    model = config.model
+    problems = {
+        "model.representation_size": (model.head == "pretrain" and bool(model.representation_size),
+                                      "timm's VisionTransformer has no pre-logits layer"),
+        "model.norm_position": (model.norm_position != "pre", "timm's ViT is pre-LN"),
+        "model.pos_embed": (model.pos_embed not in ("learned_1d", "none"), "timm has learned 1-D positions or none"),
+        "model.layer_norm_eps": (model.layer_norm_eps != 1e-6, "timm's ViT LayerNorm eps is 1e-6"),
+    }
+    for key, (bad, why) in problems.items():
+        if bad:
+            raise CheckpointError(f"{key}={getattr(model, key.split('.')[1])} cannot be exported to timm ({why}); "
+                                  "export to vitscale safetensors instead")
+    shape = model.shape()
+    sd = {k: v.detach().float().cpu() for k, v in state_dict.items()}
+    out = {}
+    for name, tensor in sd.items():
+        if name == "pos_embed.weight":
+            out["pos_embed"] = tensor
+        elif name.startswith("pool."):
+            out["attn_pool.latent" if name == "pool.probe" else "attn_pool." + name.removeprefix("pool.")] = tensor
+        else:
+            out[name] = tensor
+    model_args = {
+        "img_size": shape.image_size, "patch_size": shape.patch_size, "in_chans": model.in_channels,
+        "num_classes": model.num_classes, "embed_dim": shape.width, "depth": shape.depth,
+        "num_heads": shape.heads, "mlp_ratio": shape.mlp_dim / shape.width,
+        "class_token": model.has_class_token, "global_pool": POOL_TO_TIMM[model.classifier],
+        "fc_norm": False, "pos_embed": "learn" if model.pos_embed == "learned_1d" else "none",
+        "act_layer": "gelu_tanh" if model.mlp_activation == "gelu_tanh" else "gelu",
+    }
+    data = config.data
+    timm_config = {
+        "architecture": TIMM_BASE_ARCHITECTURE, "num_classes": model.num_classes, "num_features": shape.width,
+        "global_pool": model_args["global_pool"], "model_args": model_args,
+        "pretrained_cfg": {"input_size": [model.in_channels, shape.image_size, shape.image_size],
+                           "num_classes": model.num_classes, "mean": list(data.mean), "std": list(data.std),
+                           "interpolation": "bicubic", "crop_pct": 1.0, "fixed_input_size": True,
+                           "first_conv": "patch_embed.proj", "classifier": "head"},
+    }
+    return {k: v.contiguous() for k, v in out.items()}, timm_config
+
+
+def save_timm(directory: str | Path, state_dict: dict[str, torch.Tensor], config) -> Path:
+    from safetensors.torch import save_file
+
+    tensors, timm_config = vitscale_to_timm(state_dict, config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / TIMM_HUB_WEIGHTS[0]))
+    (directory / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+    return directory
