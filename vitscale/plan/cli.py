@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def decode_rate_of(args) -> tuple[float, str]:
-    from vitscale.plan.estimate import DEFAULT_DECODE_IMAGES_PER_CORE
+    from vitscale.plan.estimate import DEFAULT_DECODE_IMAGES_PER_CORE, DEFAULT_DECODE_SOURCE
 
     if args.decode_rate is not None:
         if args.decode_rate <= 0:
@@ -86,7 +86,7 @@ def decode_rate_of(args) -> tuple[float, str]:
             raise ConfigError("--data-bench", f"{args.data_bench} is not a `vitscale bench data --output` JSON",
                               "run vitscale bench data --output FILE first") from None
         return rate, f"measured: {args.data_bench}"
-    return DEFAULT_DECODE_IMAGES_PER_CORE, "default: README, `vitscale bench data`, ~500x375 JPEGs"
+    return DEFAULT_DECODE_IMAGES_PER_CORE, DEFAULT_DECODE_SOURCE
 
 
 def print_plan(plan: dict) -> None:

@@ -10,6 +10,7 @@ same "auto" rules the engine applies, activations from vitscale/plan/activations
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -35,6 +36,7 @@ RESERVE_BYTES = 2.5 * GIB
 FRAGMENTATION = 0.05
 # `vitscale bench data`'s shard pipeline on ~500x375 JPEGs, 224 px crops (README performance table).
 DEFAULT_DECODE_IMAGES_PER_CORE = 729.0
+DEFAULT_DECODE_SOURCE = "default: README, `vitscale bench data`, ~500x375 JPEGs"
 OPTIMIZER_BYTES = {"adamw": 8, "sgd": 4}  # fp32 state per parameter: Adam's two moments, SGD's momentum
 
 
@@ -48,7 +50,7 @@ class Hardware:
     disk_bytes_per_second: float = 5 * GB         # aggregate checkpoint write bandwidth of the job
     host_copy_bytes_per_second: float = 20 * GB   # device -> pinned host copy (background saves)
     decode_images_per_core: float = DEFAULT_DECODE_IMAGES_PER_CORE
-    decode_source: str = "default (README: vitscale bench data, ~500x375 JPEGs, one core)"
+    decode_source: str = DEFAULT_DECODE_SOURCE
 
     @classmethod
     def named(cls, gpu: str, precision: str = "bf16", *, memory_gib: float | None = None,
@@ -81,7 +83,7 @@ class ParameterCounts:
     largest_block: int      # one encoder block: what FSDP2 gathers at a time
     outside_blocks: int     # patch embedding, position embedding, head: FSDP2's root unit
     largest_module: int     # DeepSpeed's "largest layer" (a module's own parameters)
-    small: list[int]        # sizes of parameters below any persistence threshold (ZeRO-3)
+    sizes: list[int]        # every parameter's element count (ZeRO-3 keeps the small ones whole)
 
     @classmethod
     def of(cls, model_config) -> ParameterCounts:
@@ -95,10 +97,10 @@ class ParameterCounts:
         blocks = [sum(p.numel() for p in block.parameters()) for block in model.blocks]
         own = [sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()]
         return cls(total=sum(sizes), largest_block=max(blocks), outside_blocks=sum(sizes) - sum(blocks),
-                   largest_module=max(own), small=sorted(s for s in sizes if s < 10_000_000))
+                   largest_module=max(own), sizes=sizes)
 
     def below(self, threshold: float) -> int:
-        return sum(s for s in self.small if s < threshold)
+        return sum(s for s in self.sizes if s < threshold)
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,6 @@ def make_plan(config, hardware: Hardware, gpus: int, mfu: float, ds_json: dict |
 def stage_json(stage: int, ds_json: dict | None) -> dict | None:
     """The DeepSpeed JSON a ZeRO-`stage` run would use: the user's if it is that stage, else the
     shipped configs/zeroN.json (none for stage 0)."""
-    import copy
     from importlib import resources
     from pathlib import Path
 
@@ -307,8 +308,6 @@ def stage_json(stage: int, ds_json: dict | None) -> dict | None:
 
 
 def _with_stage(config, stage: int):
-    import copy
-
     clone = copy.deepcopy(config)
     clone.engine.zero_stage = stage
     return clone
