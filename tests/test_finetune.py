@@ -3,13 +3,16 @@ head replaced by a zero-initialised linear layer, backbone copied, mismatches na
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
 from vitscale.config import load_config
 from vitscale.errors import ConfigError
 from vitscale.model import build_model
+from vitscale.model.posemb import resample_1d_embedding
 from vitscale.model.weights import save_weights
 from vitscale.research.finetune import build_finetune_model
 
@@ -35,7 +38,7 @@ def finetune_config(path, *extra):
 
 def test_position_embeddings_resampled_and_head_replaced(tmp_path):
     path, source = pretrained_weights(tmp_path)
-    model = build_finetune_model(finetune_config(path))
+    model = build_finetune_model(finetune_config(path, "finetune.posemb_resample=bicubic"))
     assert model.shape.image_size == 32 and model.shape.grid == 8
     old = source.pos_embed.weight.detach()                    # (1, 1 + 4*4, D)
     new = model.pos_embed.weight.detach()                     # (1, 1 + 8*8, D)
@@ -53,6 +56,50 @@ def test_position_embeddings_resampled_and_head_replaced(tmp_path):
         if not name.startswith(("head.", "pre_logits.", "pos_embed.")):
             assert torch.equal(model.state_dict()[name], tensor), name
     assert not model(torch.randn(2, 3, 32, 32)).any()         # zero head: zero logits at the start
+
+
+def big_vision_resample_posemb(old: np.ndarray, new_tokens: int) -> np.ndarray:
+    """big_vision's models/vit.py resample_posemb (the paper's vit_jax checkpoint.py does the same):
+    (1, g*g, D) -> (1, new*new, D) with scipy.ndimage.zoom, order 1."""
+    gs_old, gs_new = int(np.sqrt(old.shape[1])), int(np.sqrt(new_tokens))
+    grid = old.reshape(gs_old, gs_old, -1)
+    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+    return scipy.ndimage.zoom(grid, zoom, order=1).reshape(1, gs_new * gs_new, -1)
+
+
+@pytest.mark.parametrize("old_grid,new_grid", [(4, 8), (7, 12), (8, 5)])
+def test_bilinear_corners_is_big_vision_resample_posemb(old_grid, new_grid):
+    torch.manual_seed(0)
+    weight = torch.randn(1, 1 + old_grid * old_grid, 16, dtype=torch.float64)
+    ours = resample_1d_embedding(weight, 1, new_grid, "bilinear_corners")
+    theirs = big_vision_resample_posemb(weight[:, 1:].numpy(), new_grid * new_grid)
+    np.testing.assert_allclose(ours[:, 1:].numpy(), theirs, rtol=0, atol=1e-6)
+    assert torch.equal(ours[:, :1], weight[:, :1])
+
+
+@pytest.mark.parametrize("old_grid,new_grid", [(4, 8), (14, 24), (8, 5)])
+def test_bicubic_antialias_is_timm_resample_abs_pos_embed(old_grid, new_grid):
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    weight = torch.randn(1, 1 + old_grid * old_grid, 16)
+    ours = resample_1d_embedding(weight, 1, new_grid, "bicubic_antialias")
+    theirs = timm_layers.resample_abs_pos_embed(weight, [new_grid, new_grid], num_prefix_tokens=1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_resampling_methods_differ_and_the_choice_is_logged(tmp_path):
+    path, _ = pretrained_weights(tmp_path)
+    grids, lines = {}, []
+    for method in ("bilinear_corners", "bicubic_antialias", "bicubic"):
+        model = build_finetune_model(finetune_config(path, f"finetune.posemb_resample={method}"), log=lines.append)
+        grids[method] = model.pos_embed.weight.detach()[0, 1:]
+        assert method in lines[-1] and "4x4 -> 8x8" in lines[-1], lines[-1]
+    scale = grids["bicubic"].abs().mean()
+    for a, b in (("bilinear_corners", "bicubic_antialias"), ("bicubic_antialias", "bicubic")):
+        assert (grids[a] - grids[b]).abs().mean() > 1e-3 * scale, (a, b)
+    with pytest.raises(ConfigError) as error:
+        finetune_config(path, "finetune.posemb_resample=lanczos")
+    assert error.value.key == "finetune.posemb_resample"
 
 
 @pytest.mark.parametrize("pos_embed", ["learned_2d", "relative", "sincos_2d"])

@@ -151,7 +151,7 @@ def test_resample_learned_1d_matches_reference_bicubic_and_keeps_class_embedding
     torch.manual_seed(0)
     model = build_model(tiny(image_size=32, patch_size=8, width=16, heads=2))  # grid 4
     old = model.pos_embed.weight.detach().clone()
-    model.resample_position_embeddings(56)  # grid 7
+    model.resample_position_embeddings(56, "bicubic")  # grid 7
     new = model.pos_embed.weight.detach()
     assert new.shape == (1, 1 + 49, 16)
     assert torch.equal(new[0, 0], old[0, 0])

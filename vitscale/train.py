@@ -32,6 +32,7 @@ signals.install_early()  # before torch/DeepSpeed load: a SIGTERM/SIGUSR1 from n
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -228,15 +229,15 @@ def check_resumable(saved: dict[str, Any], config: Config, path: Path) -> dict[s
 # Building blocks.
 
 
-def build_model(config: Config, objective: Any) -> nn.Module:
+def build_model(config: Config, objective: Any, log=None) -> nn.Module:
     """The ViT (fine-tuning: initialised from finetune.init_from), plus any parameters the
-    objective adds; identical on every rank (same seed)."""
+    objective adds; identical on every rank (same seed). `log` prints one-off notes (rank 0)."""
     torch.manual_seed(config.run.seed)
     finetune = getattr(config, "finetune", None)
     if finetune is not None and finetune.init_from:
         from vitscale.research.finetune import build_finetune_model
 
-        model = build_finetune_model(config)
+        model = build_finetune_model(config, log=log)
     else:
         from vitscale.model import build_model as build_vit
 
@@ -812,7 +813,7 @@ def main_job(prepared: Prepared, build_loader=build_dataloader) -> int:
             config.run.directory.mkdir(parents=True, exist_ok=True)
             save_config(config, config.run.directory / "config.yaml")
         objective = build_objective(config)
-        model = build_model(config, objective)
+        model = build_model(config, objective, log=functools.partial(print, flush=True) if launch.rank == 0 else None)
         saved_world = resume.saved["world_size"] if resume else None
         engine = build_engine(config, model, comm, ds_config=prepared.ds_config, saved_world_size=saved_world)
         torch.manual_seed(config.run.seed * 1000 + 1 + launch.rank)  # dropout etc. differ per rank

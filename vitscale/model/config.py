@@ -28,6 +28,13 @@ PATCH_SIZES = (8, 14, 16, 32)
 
 Classifier = Literal["token", "gap", "map"]
 PosEmbed = Literal["none", "learned_1d", "learned_2d", "sincos_2d", "relative"]
+# How a learned grid is interpolated to a new grid size when fine-tuning at another resolution:
+#   bicubic_antialias: timm's resample_abs_pos_embed default (PyTorch bicubic with antialias=True,
+#       i.e. Keys' a = -0.5 kernel, widened when shrinking);
+#   bicubic: PyTorch bicubic without antialiasing (a = -0.75, align_corners=False);
+#   bilinear_corners: big_vision's and vision_transformer's resample_posemb
+#       (scipy.ndimage.zoom(order=1): bilinear with the corner embeddings kept in place).
+ResampleMethod = Literal["bicubic_antialias", "bicubic", "bilinear_corners"]
 AttentionBackend = Literal["auto", "math", "sdpa", "triton", "flash"]
 
 

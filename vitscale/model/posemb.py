@@ -7,10 +7,14 @@ and learned embeddings are interpolated in 2-D; the [class] token's embedding is
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from vitscale.model.config import ResampleMethod
 
 
 class NoPositionEmbedding(nn.Module):
@@ -121,38 +125,53 @@ def build_position_embedding(kind: str, grid: int, width: int, heads: int, extra
 # Resampling to a new grid.
 
 
-def resample_grid(table: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """(grid*grid, D) -> (new_grid*new_grid, D) by bicubic interpolation over the 2-D grid."""
+RESAMPLE_METHODS = get_args(ResampleMethod)
+
+
+def _interpolate_2d(image: torch.Tensor, size: int, method: str) -> torch.Tensor:
+    if method == "bicubic_antialias":
+        return F.interpolate(image, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    if method == "bicubic":
+        return F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
+    if method == "bilinear_corners":
+        return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=True)
+    raise ValueError(f"unknown position-embedding resampling {method!r}; choose one of {RESAMPLE_METHODS}")
+
+
+def resample_grid(table: torch.Tensor, new_grid: int, method: str = "bicubic_antialias") -> torch.Tensor:
+    """(grid*grid, D) -> (new_grid*new_grid, D), interpolated over the 2-D grid in fp32."""
     old_grid = int(round(table.shape[0] ** 0.5))
     assert old_grid * old_grid == table.shape[0], "table is not a square grid"
     if old_grid == new_grid:
         return table
     image = rearrange(table, "(h w) d -> 1 d h w", h=old_grid).float()
-    image = F.interpolate(image, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    return rearrange(image, "1 d h w -> (h w) d").to(table.dtype)
+    return rearrange(_interpolate_2d(image, new_grid, method), "1 d h w -> (h w) d").to(table.dtype)
 
 
-def resample_1d_embedding(weight: torch.Tensor, extra_tokens: int, new_grid: int) -> torch.Tensor:
+def resample_1d_embedding(weight: torch.Tensor, extra_tokens: int, new_grid: int,
+                          method: str = "bicubic_antialias") -> torch.Tensor:
     """(1, extra + g*g, D) -> (1, extra + new*new, D), leaving the [class] embedding alone."""
     extra, grid = weight[:, :extra_tokens], weight[0, extra_tokens:]
-    return torch.cat([extra, resample_grid(grid, new_grid)[None]], dim=1)
+    return torch.cat([extra, resample_grid(grid, new_grid, method)[None]], dim=1)
 
 
-def resample_axis(table: torch.Tensor, new_size: int) -> torch.Tensor:
-    """(g, D) -> (new, D) along one axis (learned_2d's X or Y table)."""
+def resample_axis(table: torch.Tensor, new_size: int, method: str = "bicubic_antialias") -> torch.Tensor:
+    """(g, D) -> (new, D) along one axis (learned_2d's X or Y table): linear, with the end
+    entries kept in place for bilinear_corners."""
     if table.shape[0] == new_size:
         return table
     line = rearrange(table, "g d -> 1 d g").float()
-    line = F.interpolate(line, size=new_size, mode="linear", align_corners=False)
+    line = F.interpolate(line, size=new_size, mode="linear", align_corners=method == "bilinear_corners")
     return rearrange(line, "1 d g -> g d").to(table.dtype)
 
 
-def resample_relative_table(table: torch.Tensor, old_grid: int, new_grid: int, extra_tokens: int) -> torch.Tensor:
-    """Bicubic resampling of the (2g-1)^2 offset table; the [class] entries are kept."""
+def resample_relative_table(table: torch.Tensor, old_grid: int, new_grid: int, extra_tokens: int,
+                            method: str = "bicubic_antialias") -> torch.Tensor:
+    """The (2g-1)^2 offset table resampled like a grid of embeddings; the [class] entries are kept."""
     span_old, span_new = 2 * old_grid - 1, 2 * new_grid - 1
     offsets, extra = table[: span_old * span_old], table[span_old * span_old:]
     if span_old != span_new:
         image = rearrange(offsets, "(h w) n -> 1 n h w", h=span_old).float()
-        image = F.interpolate(image, size=(span_new, span_new), mode="bicubic", align_corners=False)
+        image = _interpolate_2d(image, span_new, method)
         offsets = rearrange(image, "1 n h w -> (h w) n").to(table.dtype)
     return torch.cat([offsets, extra]) if extra_tokens else offsets

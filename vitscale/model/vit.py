@@ -124,9 +124,10 @@ class VisionTransformer(nn.Module):
         return self.pool(tokens)
 
     # -----------------------------------------------------------------------------------------
-    def resample_position_embeddings(self, new_image_size: int) -> None:
+    def resample_position_embeddings(self, new_image_size: int, method: str = "bilinear_corners") -> str:
         """Move the model to a new input resolution (same patch size): learned embeddings are
-        interpolated in 2-D, the [class] embedding and fixed tables are rebuilt or kept."""
+        interpolated in 2-D by `method` (posemb.RESAMPLE_METHODS), the [class] embedding is kept
+        and fixed tables are rebuilt. Returns one line saying what was done, for the run's log."""
         new_shape = ViTShape(**{**self.shape.__dict__, "image_size": new_image_size})
         if new_image_size % self.shape.patch_size:
             from vitscale.errors import ConfigError
@@ -137,22 +138,27 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed
         with torch.no_grad():
             if isinstance(pos, posemb.LearnedPositionEmbedding1D):
-                pos.weight = nn.Parameter(posemb.resample_1d_embedding(pos.weight, self.extra_tokens, new_grid))
+                weight = posemb.resample_1d_embedding(pos.weight, self.extra_tokens, new_grid, method)
+                pos.weight = nn.Parameter(weight)
                 pos.grid = new_grid
             elif isinstance(pos, posemb.LearnedPositionEmbedding2D):
-                pos.rows = nn.Parameter(posemb.resample_axis(pos.rows, new_grid))
-                pos.cols = nn.Parameter(posemb.resample_axis(pos.cols, new_grid))
+                pos.rows = nn.Parameter(posemb.resample_axis(pos.rows, new_grid, method))
+                pos.cols = nn.Parameter(posemb.resample_axis(pos.cols, new_grid, method))
                 pos.grid = new_grid
             elif isinstance(pos, posemb.SinCosPositionEmbedding2D):
                 self.pos_embed = posemb.SinCosPositionEmbedding2D(new_grid, self.shape.width, self.extra_tokens)
             if self.relative_bias is not None:
                 for bias in self.relative_bias:
-                    table = posemb.resample_relative_table(bias.table, grid, new_grid, self.extra_tokens)
+                    table = posemb.resample_relative_table(bias.table, grid, new_grid, self.extra_tokens, method)
                     bias.table = nn.Parameter(table)
                     bias.grid = new_grid
                     bias.index = posemb.relative_index(new_grid, self.extra_tokens).to(table.device)
         self.shape = new_shape
         self.config.image_size = new_image_size
+        kind = self.config.pos_embed
+        how = {"none": "no position embeddings to resample", "sincos_2d": "sincos_2d table rebuilt",
+               "relative": f"relative-bias tables resampled {method}"}.get(kind, f"{kind} resampled {method}")
+        return f"{grid}x{grid} -> {new_grid}x{new_grid} patch grid ({new_image_size} px): {how}"
 
 
 def build_model(config: ModelConfig) -> VisionTransformer:

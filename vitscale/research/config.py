@@ -7,6 +7,7 @@ from typing import Literal
 
 from vitscale.checks import require_range
 from vitscale.errors import ConfigError
+from vitscale.model.config import ResampleMethod
 
 MaskedTarget = Literal["mean_color", "downsized", "full_patch"]
 
@@ -21,6 +22,12 @@ class FinetuneConfig:
     # Paper: the pretraining head (pre-logits + classifier) is replaced by one zero-initialised
     # linear layer for the new classes. false keeps it (same classes, e.g. resolution-only).
     reset_head: bool = True
+    # How learned position embeddings (and relative-bias tables) are interpolated when
+    # model.image_size differs from the pretrained one: bilinear_corners is the paper's released
+    # code and big_vision (scipy.ndimage.zoom, order 1); bicubic_antialias is timm's default
+    # (resample_abs_pos_embed); bicubic is PyTorch's without antialiasing. The three differ by a
+    # few percent of the embeddings' scale, so reproduce a result with the codebase it came from.
+    posemb_resample: ResampleMethod = "bilinear_corners"
 
     def validate(self) -> None:
         if self.init_from is not None and not str(self.init_from).strip():

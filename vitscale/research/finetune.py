@@ -7,7 +7,8 @@
    checkpoints/step_XXXXXXXX directory).
 2. Rebuild the pretrained model, then move it to the new resolution: the patch size stays, so the
    grid grows (224/16 = 14 -> 384/16 = 24) and learned position embeddings are interpolated in 2-D
-   (`VisionTransformer.resample_position_embeddings`).
+   (`VisionTransformer.resample_position_embeddings`, finetune.posemb_resample picks the paper's /
+   big_vision's bilinear zoom or timm's antialiased bicubic).
 3. Copy the backbone into the model the config describes, whose head (with model.head=finetune)
    is one zero-initialised linear layer for the new classes; the pretraining head (tanh
    pre-logits + classifier) and masked-patch extras are dropped.
@@ -63,8 +64,9 @@ def check_compatible(source: ModelConfig, target: ModelConfig, *, reset_head: bo
                           "use finetune.reset_head=true for new classes")
 
 
-def build_finetune_model(config) -> VisionTransformer:
-    """The model config.model describes, initialised from config.finetune.init_from."""
+def build_finetune_model(config, log=None) -> VisionTransformer:
+    """The model config.model describes, initialised from config.finetune.init_from; `log`
+    (a print-like callable) is told how the position embeddings were moved to the new grid."""
     state, source_config = load_pretrained(config.finetune.init_from)
     target_config = config.model
     reset_head = config.finetune.reset_head
@@ -72,7 +74,9 @@ def build_finetune_model(config) -> VisionTransformer:
     source = build_model(source_config.model)
     source.load_state_dict(state)
     if source.shape.image_size != target_config.image_size:
-        source.resample_position_embeddings(target_config.image_size)
+        done = source.resample_position_embeddings(target_config.image_size, config.finetune.posemb_resample)
+        if log is not None:
+            log(f"vitscale: fine-tuning from {config.finetune.init_from}: {done}")
     target = build_model(target_config)
     backbone = {k: v for k, v in source.state_dict().items() if not (reset_head and k.startswith(HEAD_PREFIXES))}
     missing, unexpected = target.load_state_dict(backbone, strict=False)
