@@ -180,6 +180,15 @@ def test_timm_without_position_table_needs_the_image_size(tmp_path):
         assert max_diff(original(images()), model(images())) <= TOLERANCE
 
 
+@pytest.mark.parametrize("name,reason", [("deit_tiny_distilled_patch16_224", "distillation token"),
+                                         ("vit_relpos_small_patch16_224", "VisionTransformerRelPos"),
+                                         ("vit_srelpos_small_patch16_224", "VisionTransformerRelPos")])
+def test_timm_distilled_and_relpos_models_are_refused_for_what_they_are(tmp_path, name, reason):
+    original = timm.create_model(name, pretrained=False, depth=1, img_size=32)
+    with pytest.raises(CheckpointError, match=reason):
+        convert(save_timm(original, tmp_path / "timm.safetensors"), tmp_path / "out.safetensors")
+
+
 def test_timm_pool_then_norm_is_refused(tmp_path):
     original = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
                                  class_token=False, global_pool="avg")  # fc_norm defaults on for avg
@@ -220,6 +229,21 @@ def test_hf_model_pooler_is_the_pre_logits(tmp_path):
         assert max_diff(out.last_hidden_state, model.forward_features(images())) <= TOLERANCE
 
 
+@pytest.mark.parametrize("cls", ["DeiTForImageClassificationWithTeacher", "DeiTForImageClassification"])
+def test_hf_deit_is_refused_for_its_distillation_token(tmp_path, cls):
+    deit = getattr(transformers, cls)(transformers.DeiTConfig(**hf_config().to_dict()))
+    deit.save_pretrained(tmp_path / "deit")
+    with pytest.raises(CheckpointError, match="distillation token"):
+        convert(tmp_path / "deit", tmp_path / "out.safetensors")
+
+
+def test_linear_pooler_that_is_not_the_identity_is_refused(tmp_path):
+    original = perturb(transformers.ViTModel(hf_config(pooler_act="linear")))
+    original.save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="not the identity"):
+        convert(tmp_path / "hf", tmp_path / "out.safetensors")
+
+
 def test_hf_bare_state_dict_uses_hf_defaults_and_flags(tmp_path):
     original = perturb(transformers.ViTForImageClassification(hf_config()))
     source = tmp_path / "bare.safetensors"
@@ -254,9 +278,12 @@ def test_export_to_hf_loads_in_transformers(tmp_path, fields):
             hf = transformers.ViTModel.from_pretrained(tmp_path / "hf").eval()
             pooled = hf(pixel_values=images()).pooler_output
             assert max_diff(pooled, model.forward_representation(images())) <= TOLERANCE
-        else:
-            hf = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
-            assert max_diff(hf(pixel_values=images()).last_hidden_state, model.forward_features(images())) <= TOLERANCE
+        else:  # a plain from_pretrained initialises nothing at random: the pooler is the identity
+            hf, info = transformers.ViTModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"], info
+            out = hf.eval()(pixel_values=images())
+            assert max_diff(out.last_hidden_state, model.forward_features(images())) <= TOLERANCE
+            assert max_diff(out.pooler_output, model.forward_representation(images())) <= TOLERANCE
     # ... and back again, exactly.
     back, _ = converted(tmp_path, tmp_path / "hf")
     for name, tensor in model.state_dict().items():

@@ -6,7 +6,10 @@ Differences handled here:
   written to it on export, so both sides compute the same function;
 - `hidden_act`: "gelu" is exact GELU, "gelu_new"/"gelu_pytorch_tanh" the tanh form;
 - `ViTModel`'s pooler (dense + tanh on the [class] token) is the paper's pre-logits layer, so
-  it maps to `pre_logits.0` of a headless model; `ViTForImageClassification` has no pooler;
+  it maps to `pre_logits.0` of a headless model; `ViTForImageClassification` has no pooler. A
+  headless model without pre-logits is exported with an identity pooler (pooler_act "linear",
+  dense = I, bias 0), so a plain `ViTModel.from_pretrained` builds no random layer and its
+  pooler_output is the [class] token's representation; import recognises it and drops it;
 - parameter names: transformers < 5 (`encoder.layer.N.attention.attention.query`, ...) and
   >= 5 (`layers.N.attention.q_proj`, ...) are both read; export writes the older names, which
   every transformers version loads.
@@ -61,6 +64,9 @@ def load_hf(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
 def hf_to_vitscale(state_dict: dict[str, torch.Tensor], hf_config: dict | None = None,
                    source: str = "Hugging Face ViT") -> Imported:
     sd = _old_names(to_float32(state_dict))
+    if any(k.endswith("embeddings.distillation_token") for k in sd):
+        raise CheckpointError(f"{source} is a Hugging Face DeiT, whose sequence always carries a distillation token "
+                              "that vitscale's ViT does not have; convert timm's non-distilled DeiT weights instead")
     prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
     if f"{prefix}embeddings.patch_embeddings.projection.weight" not in sd:
         raise CheckpointError(f"{source} is not a Hugging Face ViT state dict (no embeddings.patch_embeddings."
@@ -81,6 +87,11 @@ def hf_to_vitscale(state_dict: dict[str, torch.Tensor], hf_config: dict | None =
         out.update(_block_from_hf(sd, f"{prefix}encoder.layer.{i}.", f"blocks.{i}.", width))
     out["norm.weight"], out["norm.bias"] = take("layernorm.weight"), take("layernorm.bias")
     representation_size, num_classes = None, 0
+    if hf_config is not None and hf_config.get("pooler_act") == "linear" and prefix + "pooler.dense.weight" in sd:
+        weight, bias = take("pooler.dense.weight"), take("pooler.dense.bias")
+        if weight.shape != (width, width) or not torch.equal(weight, torch.eye(width)) or bias.any():
+            raise CheckpointError(f"{source}: a linear pooler that is not the identity has no vitscale counterpart "
+                                  "(pre-logits use tanh); load it in transformers and drop the pooler")
     if prefix + "pooler.dense.weight" in sd:
         out["pre_logits.0.weight"] = take("pooler.dense.weight")
         out["pre_logits.0.bias"] = take("pooler.dense.bias")
@@ -151,8 +162,8 @@ def _block_from_hf(sd: dict, src: str, dst: str, width: int) -> dict[str, torch.
 
 def vitscale_to_hf(state_dict: dict[str, torch.Tensor], model_config) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (HF state_dict, config.json dict). A model with a classification head becomes a
-    `ViTForImageClassification`; a headless one a `ViTModel` (its pre-logits as the pooler; a
-    model without pre-logits has no pooler weights: load it with add_pooling_layer=False)."""
+    `ViTForImageClassification`; a headless one a `ViTModel` whose pooler is its pre-logits or,
+    without them, the identity (so loading initialises nothing at random)."""
     _check_exportable(model_config)
     shape = model_config.shape()
     sd = {k: v.detach().float().cpu() for k, v in state_dict.items()}
@@ -172,6 +183,8 @@ def vitscale_to_hf(state_dict: dict[str, torch.Tensor], model_config) -> tuple[d
         out["classifier.weight"], out["classifier.bias"] = sd["head.weight"], sd["head.bias"]
     elif "pre_logits.0.weight" in sd:
         out["pooler.dense.weight"], out["pooler.dense.bias"] = sd["pre_logits.0.weight"], sd["pre_logits.0.bias"]
+    else:
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = torch.eye(shape.width), torch.zeros(shape.width)
     return {k: v.contiguous() for k, v in out.items()}, _hf_config(model_config, classify)
 
 
@@ -230,7 +243,8 @@ def _hf_config(model_config, classify: bool) -> dict:
         "qkv_bias": True,
         "encoder_stride": shape.patch_size,
         "pooler_output_size": model_config.representation_size or shape.width,
-        "pooler_act": "tanh",
+        # Without pre-logits the exported pooler is the identity (vitscale_to_hf).
+        "pooler_act": "tanh" if classify or model_config.representation_size else "linear",
         "torch_dtype": "float32",
     }
     if classify:

@@ -58,7 +58,7 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir():
         config_file = path / "config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        if config.get("model_type") == "vit":
+        if config.get("model_type") in ("vit", "deit"):  # deit: refused with its reason by the HF reader
             return "hf"
         if "architecture" in config:  # timm's save_for_hf / a timm model on the Hub
             return "timm"

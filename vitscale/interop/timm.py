@@ -33,16 +33,23 @@ from vitscale.errors import CheckpointError
 from vitscale.interop.common import Imported, grid_from_positions, is_square, shape_fields, to_float32
 from vitscale.interop.io import TIMM_HUB_WEIGHTS, unwrap_state_dict
 
-# Features of some timm ViTs that vitscale's model has no counterpart for.
+# Features of some timm ViTs that vitscale's model has no counterpart for -> (what, what to do); the
+# model-defining ones first (a relpos model also has fc_norm, yet fc_norm=False would not save it).
+PLAIN_ONLY = "only plain ViTs convert exactly"
 UNSUPPORTED = {
-    r"^reg_token$": "register tokens",
-    r"^norm_pre\.": "a pre-encoder norm (CLIP-style `pre_norm=True`)",
-    r"\.(q_norm|k_norm)\.": "query/key normalisation (`qk_norm=True`)",
-    r"\.mlp\.norm\.": "a norm inside the MLP (`scale_mlp_norm=True`)",
-    r"\.(attn|mlp)\.(w12|w3|gate)": "a gated (SwiGLU) MLP",
-    r"^attn_pool\.pos_embed$": "an attention-pool position embedding",
-    r"^fc_norm\.": "pooling before the final norm (`fc_norm`); create the timm model with fc_norm=False",
-    r"^patch_embed\.(backbone|norm)\.": "a hybrid or normalised patch embedding",
+    r"^(dist_token|head_dist\.)": ("DeiT's distillation token and head (a *_distilled_* model)",
+                                   "convert the non-distilled DeiT of the same size"),
+    r"(^|\.)(rel_pos|shared_rel_pos)\.": ("VisionTransformerRelPos relative positions (an MLP or table in "
+                                         "attention)", "vitscale's pos_embed=relative is a different "
+                                         "parameterisation, so these weights cannot be converted"),
+    r"^reg_token$": ("register tokens", PLAIN_ONLY),
+    r"^norm_pre\.": ("a pre-encoder norm (CLIP-style `pre_norm=True`)", PLAIN_ONLY),
+    r"\.(q_norm|k_norm)\.": ("query/key normalisation (`qk_norm=True`)", PLAIN_ONLY),
+    r"\.mlp\.norm\.": ("a norm inside the MLP (`scale_mlp_norm=True`)", PLAIN_ONLY),
+    r"\.(attn|mlp)\.(w12|w3|gate)": ("a gated (SwiGLU) MLP", PLAIN_ONLY),
+    r"^attn_pool\.pos_embed$": ("an attention-pool position embedding", PLAIN_ONLY),
+    r"^fc_norm\.": ("pooling before the final norm (`fc_norm`)", "create the timm model with fc_norm=False"),
+    r"^patch_embed\.(backbone|norm)\.": ("a hybrid or normalised patch embedding", PLAIN_ONLY),
 }
 
 
@@ -131,11 +138,10 @@ def timm_to_vitscale(state_dict: dict[str, torch.Tensor], source: str = "timm",
     if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
         raise CheckpointError(f"{source} is not a timm VisionTransformer state dict (no patch_embed.proj.weight "
                               "or blocks.0.attn.qkv.weight); pass --from for another format")
-    for pattern, feature in UNSUPPORTED.items():
+    for pattern, (feature, advice) in UNSUPPORTED.items():
         hit = next((name for name in sd if re.search(pattern, name)), None)
         if hit is not None:
-            raise CheckpointError(f"{source} uses {feature} ({hit}), which vitscale's ViT does not have; "
-                                  "only plain ViTs convert exactly")
+            raise CheckpointError(f"{source} uses {feature} ({hit}), which vitscale's ViT does not have; {advice}")
     out, fields, unknown = _embeddings(sd, source)
     width, patch, extra = out["patch_embed.proj.weight"].shape[0], fields["patch_size"], int("cls_token" in out)
     depth = 1 + max(int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in sd) if m)
