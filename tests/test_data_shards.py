@@ -227,3 +227,53 @@ def test_shards_write_names_a_bad_source_and_leaves_nothing(ten_class_folder, tm
     report = [json.loads(line) for line in (out / "skipped_sources.jsonl").read_text().splitlines()]
     assert [(r["path"].endswith("class3/broken.png"), r["reason"]) for r in report] == [(True, "undecodable_image")]
     assert json.loads((out / "_info.json").read_text())["total_samples"] == 400
+
+
+def test_shards_write_max_side_pre_resizes_large_images_only(tmp_path, capsys):
+    photo = dict(sample_photos())["china"]                              # 427 x 640 real photograph
+    root = tmp_path / "src"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                    # stored rotated: the loader's business
+    Image.fromarray(photo).save(root / "a" / "big.jpg", quality=95, exif=exif)
+    Image.fromarray(photo[:300, :500]).save(root / "b" / "wide.png")
+    Image.fromarray(photo[:200, :120]).save(root / "b" / "small.jpg", quality=90)
+    out = tmp_path / "shards"
+    assert main(["shards", "write", str(root), str(out), "--max-side", "256", "--quality", "90",
+                 "--workers", "1"]) == 0
+    samples = {s["__key__"]: s for s in read_all(str(out))}
+    big, wide, small = samples["a__big"], samples["b__wide"], samples["b__small"]
+    assert small["jpg"] == (root / "b" / "small.jpg").read_bytes() and "original_size.json" not in small
+    assert json.loads(big["original_size.json"]) == {"width": 640, "height": 427}
+    assert json.loads(wide["original_size.json"]) == {"width": 500, "height": 300}
+    assert Image.open(__import__("io").BytesIO(big["jpg"])).getexif().get(0x0112) == 6
+    # Against torchvision's antialiased bicubic resize of the decoded original (an independent
+    # resampler): PNG stays lossless, so only resampler differences remain; JPEG adds re-encoding.
+    from torchvision.transforms.v2.functional import resize
+
+    for sample, ext, source, size, tolerance in ((big, "jpg", root / "a" / "big.jpg", (256, 384), 3.0),
+                                                 (wide, "png", root / "b" / "wide.png", (256, 427), 1.0)):
+        pixels = decode_image(sample[ext])
+        assert pixels.shape[:2] == size
+        original = torch.from_numpy(np.array(decode_image(source.read_bytes()))).permute(2, 0, 1)
+        expected = resize(original, list(size), antialias=True,
+                          interpolation=__import__("torchvision").transforms.InterpolationMode.BICUBIC)
+        error = np.abs(pixels.astype(np.float64) - expected.permute(1, 2, 0).numpy()).mean()
+        assert error < tolerance, (ext, error)
+    # The loader reads them; check reports the size distribution and what --max-side would save.
+    loader = build_eval_loader(DataConfig(eval_shards=str(out), num_workers=0), micro_batch_size=4, image_size=32,
+                               num_classes=2, rank=0, world_size=1)
+    assert sorted(key for batch in loader.batches() for key, valid in zip(batch.keys, batch.valid) if valid) == \
+        ["a__big", "b__small", "b__wide"]
+    capsys.readouterr()
+    assert main(["shards", "check", str(root.parent / "shards"), "--num-classes", "2", "--workers", "1",
+                 "--max-side", "128"]) == 0
+    report = capsys.readouterr().out
+    assert "shorter side p5" in report and "median 256" in report
+    assert "67% of images have a shorter side over 128 px" in report
+
+
+def test_shards_write_max_side_must_be_positive(tmp_path, capsys):
+    assert main(["shards", "write", str(tmp_path), str(tmp_path / "o"), "--max-side", "0"]) == 2
+    assert "--max-side must be a positive" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """`vitscale shards`: write shards, check them, and plan how a job will read them.
 
-    vitscale shards write IMAGE_FOLDER_OR_MANIFEST OUT_DIR --prefix train --max-count 1000
+    vitscale shards write IMAGE_FOLDER_OR_MANIFEST OUT_DIR --prefix train --max-count 1000 [--max-side 256]
     vitscale shards check 'OUT_DIR/train-{000000..000099}.tar' --num-classes 1000
     vitscale shards plan --config configs/vit_b16_i21k.yaml --world-size 512
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from vitscale.config import add_config_arguments, config_from_args
 from vitscale.data.decode import LabelSpec, load_class_map
-from vitscale.data.shard_tools import (SKIPPED_SOURCES, check_shards, describe_plan, write_check_index,
-                                      write_from_source)
+from vitscale.data.shard_tools import (SKIPPED_SOURCES, Resize, check_shards, describe_plan, size_summary,
+                                      write_check_index, write_from_source)
 from vitscale.data.shards import INDEX_NAME, index_path_for
 from vitscale.errors import DataError
 
@@ -34,6 +34,10 @@ def add_arguments(parser) -> None:
     write.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                        help="keep the source order (default: shuffled, so shards mix classes)")
     write.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    write.add_argument("--max-side", type=int, default=None, metavar="N",
+                       help="re-encode images whose shorter side exceeds N at a shorter side of N (antialiased; "
+                            "original size kept in original_size.json): faster decoding, smaller shards")
+    write.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     write.add_argument("--skip-bad", action="store_true",
                        help="leave out unreadable images and bad labels, listed in OUT_DIR/skipped_sources.jsonl "
                             "(default: stop at the first, naming it, and write nothing)")
@@ -45,6 +49,8 @@ def add_arguments(parser) -> None:
     check.add_argument("--index", default="", help=f"where to write the index (default: {INDEX_NAME} beside)")
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     check.add_argument("--allow-shell", action="store_true", help="allow pipe: URLs")
+    check.add_argument("--max-side", type=int, default=256, metavar="N",
+                       help="report what pre-resizing to a shorter side of N would save (default 256)")
     plan = sub.add_parser("plan", help="pre-flight: how ranks x workers will read the shards")
     add_config_arguments(plan)
     plan.add_argument("--world-size", type=int, required=True, help="number of ranks of the job")
@@ -58,11 +64,15 @@ def run(args) -> int:
 def run_write(args) -> int:
     if args.max_count <= 0:
         raise DataError("--max-count must be > 0")
+    if args.max_side is not None and args.max_side < 1:
+        raise DataError(f"--max-side must be a positive number of pixels, got {args.max_side}")
+    if not 1 <= args.quality <= 100:
+        raise DataError(f"--quality must be in 1..100 (JPEG quality), got {args.quality}")
     pattern, count, skipped = write_from_source(
         args.source, args.out_dir, prefix=args.prefix, max_count=args.max_count,
         max_bytes=int(args.max_bytes) if args.max_bytes else None, multi_label=args.multi_label,
         workers=args.workers, class_map=load_class_map(args.class_map), shuffle=args.shuffle, seed=args.seed,
-        skip_bad=args.skip_bad)
+        skip_bad=args.skip_bad, resize=Resize(args.max_side, args.quality) if args.max_side else None)
     order = f"shuffled with seed {args.seed}" if args.shuffle else "in source order"
     print(f"wrote {count} samples {order} to {pattern} (index: {args.out_dir / INDEX_NAME})")
     if skipped:
@@ -85,6 +95,8 @@ def run_check(args) -> int:
         print(f"{url}: {key or '(shard)'}: {reason}: {detail}")
     by_reason = collections.Counter(p[2] for p in problems)
     total = sum(r.samples for r in reports)
+    for line in size_summary(reports, args.max_side):
+        print(line)
     print(f"{len(reports)} shards, {total} samples, {len(problems)} problems"
           + (f" ({json.dumps(dict(by_reason))})" if problems else "") + f"; index written to {index}")
     return 1 if problems else 0

@@ -95,14 +95,28 @@ class BadSource:
         return f"{self.path}: {self.reason}: {self.detail}"
 
 
-def _load_record(args: tuple[SourceItem, bool, dict | None]) -> dict | BadSource:
-    item, multi_label, class_map = args
+@dataclass(frozen=True)
+class Resize:
+    """Pre-resizing at write time (FFCV's max_resolution, on the shorter side): an image whose
+    shorter side exceeds `max_side` is scaled (antialiased bicubic) to that shorter side and
+    re-encoded, JPEG at `quality` (PNG stays PNG, lossless); its original size is kept in the
+    sample's `original_size.json` member and its EXIF block is carried over."""
+
+    max_side: int
+    quality: int = 90
+
+
+ORIGINAL_SIZE = "original_size.json"
+
+
+def _load_record(args: tuple[SourceItem, bool, dict | None, Resize | None]) -> dict | BadSource:
+    item, multi_label, class_map, resize = args
     try:
         data = Path(item.path).read_bytes()
     except OSError as error:
         return BadSource(item.path, "unreadable_file", str(error))
     try:
-        decode_image(data)  # refuse unreadable images now, not during training
+        pixels = decode_image(data)  # refuse unreadable images now, not during training
     except SampleError as error:
         return BadSource(item.path, error.reason, error.detail)
     ext = Path(item.path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
@@ -110,11 +124,41 @@ def _load_record(args: tuple[SourceItem, bool, dict | None]) -> dict | BadSource
            for v in item.labels]
     if any(isinstance(i, str) for i in ids):
         return BadSource(item.path, "bad_label", f"label {ids} is a name; pass --class-map with it or use ids")
-    if multi_label:
-        return {"__key__": item.key, ext: data, "json": json.dumps(ids).encode()}
-    if len(ids) != 1:
+    if not multi_label and len(ids) != 1:
         return BadSource(item.path, "bad_label", f"{len(ids)} labels; use --multi-label for several per image")
-    return {"__key__": item.key, ext: data, "cls": str(ids[0]).encode()}
+    record = {"__key__": item.key}
+    if resize is not None and min(pixels.shape[:2]) > resize.max_side:
+        ext, data = shrink(data, pixels, ext, resize)
+        record[ORIGINAL_SIZE] = json.dumps({"width": pixels.shape[1], "height": pixels.shape[0]}).encode()
+    record[ext] = data
+    if multi_label:
+        record["json"] = json.dumps(ids).encode()
+    else:
+        record["cls"] = str(ids[0]).encode()
+    return record
+
+
+def shrink(data: bytes, pixels: np.ndarray, ext: str, resize: Resize) -> tuple[str, bytes]:
+    """-> (extension, bytes) of the image scaled to a shorter side of resize.max_side."""
+    import io
+
+    from PIL import Image
+
+    height, width = pixels.shape[:2]
+    scale = resize.max_side / min(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = Image.fromarray(pixels, "RGB").resize(size, Image.Resampling.BICUBIC)  # PIL resize: antialiased
+    try:
+        exif = Image.open(io.BytesIO(data)).info.get("exif")
+    except Exception:
+        exif = None
+    buffer = io.BytesIO()
+    options = {"exif": exif} if exif else {}
+    if ext == "png":
+        image.save(buffer, format="PNG", compress_level=6, **options)
+        return "png", buffer.getvalue()
+    image.save(buffer, format="JPEG", quality=resize.quality, **options)
+    return "jpg", buffer.getvalue()
 
 
 SKIPPED_SOURCES = "skipped_sources.jsonl"
@@ -122,11 +166,12 @@ SKIPPED_SOURCES = "skipped_sources.jsonl"
 
 def write_from_source(source: Path, out_dir: Path, *, prefix: str, max_count: int, max_bytes: int | None,
                       multi_label: bool, workers: int, class_map: dict | None = None, shuffle: bool = True,
-                      seed: int = 0, skip_bad: bool = False) -> tuple[str, int, list[BadSource]]:
+                      seed: int = 0, skip_bad: bool = False,
+                      resize: Resize | None = None) -> tuple[str, int, list[BadSource]]:
     """-> (shard pattern, samples written, skipped sources). Shuffled (seeded) by default: a class
     folder listed in order would give one class per shard, and a shuffle buffer cannot undo it.
     A bad source stops the write (nothing is left behind) unless `skip_bad`: then it is listed
-    in OUT_DIR/skipped_sources.jsonl and the rest is written."""
+    in OUT_DIR/skipped_sources.jsonl and the rest is written. `resize` pre-resizes large images."""
     if source.is_dir():
         items, classes = folder_items(source)
     else:
@@ -149,7 +194,7 @@ def write_from_source(source: Path, out_dir: Path, *, prefix: str, max_count: in
                 continue
             yield result
 
-    jobs = [(item, multi_label, class_map) for item in items]
+    jobs = [(item, multi_label, class_map, resize) for item in items]
     pool = ProcessPoolExecutor(max(1, workers))
     try:
         with tqdm(total=len(items), desc="writing", unit="img") as bar:
@@ -178,6 +223,7 @@ class ShardReport:
     bytes: int = 0
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (key, reason, detail)
     keys: list[str] = field(default_factory=list)
+    images: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, encoded bytes)
 
 
 def check_shard(args: tuple[str, LabelSpec | None]) -> ShardReport:
@@ -191,7 +237,9 @@ def check_shard(args: tuple[str, LabelSpec | None]) -> ShardReport:
         report.samples += 1
         report.keys.append(item["__key__"])
         try:
-            decode_image(image_bytes(item))
+            data = image_bytes(item)
+            pixels = decode_image(data)
+            report.images.append((pixels.shape[1], pixels.shape[0], len(data)))
             _check_label(item, labels)
         except SampleError as error:
             report.problems.append((item["__key__"], error.reason, error.detail))
@@ -204,6 +252,32 @@ def _check_label(item: dict, labels: LabelSpec | None) -> None:
         return
     if "cls" not in item and "json" not in item:
         raise SampleError("missing_label", "no .cls or .json member")
+
+
+def size_summary(reports: list[ShardReport], max_side: int) -> list[str]:
+    """The decoded images' size distribution and what `shards write --max-side` would change.
+    Savings are estimates: JPEG bytes and decode work taken as proportional to the pixel count."""
+    images = np.array([image for report in reports for image in report.images], dtype=np.float64).reshape(-1, 3)
+    if not len(images):
+        return []
+    width, height, size = images.T
+    shorter = np.minimum(width, height)
+    p5, p50, p95 = np.percentile(shorter, [5, 50, 95])
+    pixels = width * height
+    over = shorter > max_side
+    kept = np.where(over, (max_side / shorter) ** 2, 1.0)
+    lines = [f"image sizes: shorter side p5 {p5:.0f} / median {p50:.0f} / p95 {p95:.0f} px, median "
+             f"{np.median(width):.0f}x{np.median(height):.0f}, {np.mean(pixels) / 1e6:.2f} Mpixel and "
+             f"{np.mean(size) / 1e3:.1f} KB per image on average"]
+    if over.any():
+        lines.append(f"pre-resizing: {over.mean():.0%} of images have a shorter side over {max_side} px; "
+                     f"`vitscale shards write --max-side {max_side}` would leave about "
+                     f"{(pixels * kept).sum() / pixels.sum():.0%} of the pixels to decode and about "
+                     f"{(size * kept).sum() / size.sum():.0%} of the bytes (estimate)")
+    else:
+        lines.append(f"pre-resizing: no image has a shorter side over {max_side} px; --max-side {max_side} "
+                     "would change nothing")
+    return lines
 
 
 def check_shards(spec: str, *, labels: LabelSpec | None, workers: int, allow_shell: bool = False) -> list[ShardReport]:
