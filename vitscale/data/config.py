@@ -50,8 +50,11 @@ class DataConfig:
     # EXIF orientation of photos: "ignore" (the pixels as stored, as torchvision's, timm's and
     # tf.data's decoders read them: published recipes trained so) or "apply" (rotate upright).
     exif_orientation: Literal["ignore", "apply"] = "ignore"
-    # Decode JPEGs at a reduced size (DCT scaling, PIL draft mode) when the crop allows it.
+    # Decode JPEGs at a reduced size (DCT-domain scaling) when the crop allows it.
     fast_decode: bool = True
+    # JPEG decoder: simplejpeg (libjpeg-turbo, scales by M/8, no PIL image object; CMYK, EXIF
+    # rotation and streams it refuses fall back to PIL) or pil (PIL's draft mode: 1/2, 1/4, 1/8).
+    jpeg_decoder: Literal["simplejpeg", "pil"] = "simplejpeg"
     # RandomResizedCrop area and aspect-ratio ranges (torchvision / Inception defaults).
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])

@@ -1,8 +1,11 @@
 """Raw sample -> (uint8 image tensor, target), with every way it can fail named.
 
 Fast path: the RandomResizedCrop box is drawn from the JPEG header's size, so the decoder can
-use DCT scaling (PIL draft mode) to decode at 1/2, 1/4 or 1/8 size whenever the crop still has at
-least the output resolution, then crop and resize in one PIL call (no intermediate copy).
+use DCT-domain scaling whenever the crop still has at least the output resolution. JPEGs go to
+libjpeg-turbo through simplejpeg (data.jpeg_decoder), which scales by any of M/8 and skips PIL's
+image object; the crop is then resized with antialiasing on the uint8 tensor. CMYK/YCCK JPEGs,
+EXIF rotation, streams simplejpeg refuses and every other format take the PIL path, which also
+decides the verdict on any damaged image, so a sample fails (or not) for the same reason on both.
 Failures raise `SampleError(reason, detail)`; the loader counts, records and skips them.
 """
 
@@ -184,6 +187,29 @@ def decode_image(data: bytes, max_pixels: int = 8192 * 8192) -> np.ndarray:
     return np.asarray(load_rgb(open_image(data, max_pixels)))
 
 
+# simplejpeg's colour spaces that libjpeg-turbo converts to RGB itself; CMYK/YCCK (Adobe's
+# inverted convention) take the PIL path.
+SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
+
+
+def simplejpeg_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) from the JPEG header if simplejpeg can decode it, else None; an image over
+    the pixel cap is refused here, before any pixel is decoded, as open_image would."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    import simplejpeg
+
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in SIMPLEJPEG_COLORSPACES:
+        return None
+    if width * height > max_pixels:
+        raise SampleError("oversized_image", f"{width}x{height} exceeds data.max_image_pixels={max_pixels}")
+    return width, height
+
+
 @dataclass(frozen=True)
 class Augment:
     image_size: int
@@ -197,9 +223,30 @@ class Augment:
     randaugment_layers: int = 0
     randaugment_magnitude: int = 10
     apply_exif_orientation: bool = False
+    jpeg_decoder: str = "simplejpeg"  # or "pil"
 
     def __call__(self, data: bytes, seed: int) -> torch.Tensor:
         """Encoded image -> (3, image_size, image_size) uint8; seed fixes every random choice."""
+        image, size = None, None
+        if self.jpeg_decoder == "simplejpeg" and not self.apply_exif_orientation:
+            size = simplejpeg_size(data, self.max_pixels)
+        if size is None:
+            image = self._open(data)
+            size = image.size
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA (slow)
+            box = self._crop_box(size)
+            flip = self.train and self.hflip and bool(torch.rand(()) < 0.5)
+            pixels = self._simplejpeg_crop_resize(data, size, box) if image is None else None
+            if pixels is None:  # PIL path; for a stream simplejpeg refused, PIL's decode gives the verdict
+                pixels = self._decode_crop_resize(image or self._open(data), box)  # (3, S, S)
+            if flip:
+                pixels = pixels.flip(-1)
+            if self.train and self.randaugment_layers:
+                pixels = transforms.RandAugment(self.randaugment_layers, self.randaugment_magnitude)(pixels)
+        return pixels
+
+    def _open(self, data: bytes) -> Image.Image:
         image = open_image(data, self.max_pixels)
         if self.apply_exif_orientation and exif_orientation(image) != 1:
             image = load_rgb(image)  # rotated images are decoded in full (no reduced JPEG decode)
@@ -207,16 +254,35 @@ class Augment:
                 image = ImageOps.exif_transpose(image)
             except Exception as error:
                 raise SampleError("undecodable_image", f"{type(error).__name__}: {error}") from None
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA (slow)
-            box = self._crop_box(image.size)
-            flip = self.train and self.hflip and bool(torch.rand(()) < 0.5)
-            pixels = self._decode_crop_resize(image, box)  # (3, S, S)
-            if flip:
-                pixels = pixels.flip(-1)
-            if self.train and self.randaugment_layers:
-                pixels = transforms.RandAugment(self.randaugment_layers, self.randaugment_magnitude)(pixels)
-        return pixels
+        return image
+
+    def _simplejpeg_crop_resize(self, data: bytes, size: tuple[int, int],
+                                box: tuple[int, int, int, int]) -> torch.Tensor | None:
+        """libjpeg-turbo decode at the smallest M/8 scale that keeps the crop >= image_size, then
+        crop and antialiased resize; None if simplejpeg refuses the stream (PIL decides)."""
+        import simplejpeg
+
+        width, height = size
+        top, left, crop_height, crop_width = box
+        scale = self.image_size / min(crop_width, crop_height) if self.fast_decode else 1.0
+        limits = {"min_width": math.ceil(width * scale), "min_height": math.ceil(height * scale)} if scale < 1 else {}
+        try:
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", **limits)
+        except ValueError:  # damaged or unusual (simplejpeg is strict about recoverable errors)
+            return None
+        if pixels.shape[:2] != (height, width):
+            # Scaled decode (rounded up per axis, so each axis has its own factor): PIL resizes from
+            # the box in fractional pixels, exactly as the draft path does.
+            fy, fx = pixels.shape[0] / height, pixels.shape[1] / width
+            box = (left * fx, top * fy, min((left + crop_width) * fx, pixels.shape[1]),
+                   min((top + crop_height) * fy, pixels.shape[0]))
+            image = Image.fromarray(pixels, "RGB").resize((self.image_size, self.image_size),
+                                                          Image.Resampling.BILINEAR, box=box)
+            return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+        crop = torch.from_numpy(pixels[top:top + crop_height, left:left + crop_width]).permute(2, 0, 1)  # a view
+        if crop.shape[1:] == (self.image_size, self.image_size):
+            return crop.contiguous()
+        return resize(crop, [self.image_size, self.image_size], antialias=True)
 
     def _crop_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(top, left, height, width) in full-resolution pixels."""

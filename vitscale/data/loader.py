@@ -475,7 +475,7 @@ def _stream_spec(cfg: DataConfig, shards: str, key: str, *, train: bool, micro_b
     augment = Augment(image_size, train, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip, cfg.fast_decode,
                       cfg.max_image_pixels, cfg.eval_crop_fraction,
                       cfg.randaugment_layers if train else 0, cfg.randaugment_magnitude,
-                      cfg.exif_orientation == "apply")
+                      cfg.exif_orientation == "apply", cfg.jpeg_decoder)
     labels = LabelSpec(num_classes, cfg.multi_label, load_class_map(cfg.class_map))
     return StreamSpec(tuple(urls), tuple(counts), augment, labels, tuple(cfg.mean), tuple(cfg.std), seed, rank,
                       topology, cfg.shuffle_buffer if train else 1, cfg.shuffle_shards and train,
