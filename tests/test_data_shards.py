@@ -140,11 +140,22 @@ def test_data_benchmark_runs_both_pipelines_and_writes_json(tmp_path, capsys):
     bench.add_arguments(parser)
     out = tmp_path / "bench.json"
     args = parser.parse_args(["--images", "8", "--batch-size", "4", "--image-size", "32", "--sizes", "imagenet",
-                              "--repeats", "1", "--output", str(out)])
+                              "--repeats", "1", "--output", str(out), "--max-side", "200", "--model", "B/16"])
     assert bench.run(args) == 0
-    result = json.loads(out.read_text())["sizes"]["imagenet"]
-    assert result["baseline_images_per_second"] > 0 and result["vitscale_images_per_second"] > 0
-    assert "torchvision ImageFolder" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    result = saved["sizes"]["imagenet"]
+    assert set(result["images_per_second"]) == {"torchvision ImageFolder", "vitscale simplejpeg", "vitscale pil",
+                                                "vitscale simplejpeg, --max-side 200"}
+    assert all(rate > 0 for rate in result["images_per_second"].values())
+    assert result["ratio_to_baseline"]["torchvision ImageFolder"] == 1.0
+    # B/16 at 32 px: 4 patches + [class]; the demand follows the FLOPs table and H100's 989 TFLOP/s.
+    from vitscale.model import ModelConfig
+    from vitscale.model.flops import training_flops_per_image
+
+    flops = training_flops_per_image(ModelConfig(name="B/16", image_size=32))
+    assert saved["demand"]["images_per_second_per_gpu"] == pytest.approx(0.4 * 989e12 / flops)
+    printed = capsys.readouterr().out
+    assert "torchvision ImageFolder" in printed and "cores per GPU" in printed
 
 
 def test_shards_write_by_bytes_is_deterministic(photo_folder, tmp_path):
